@@ -1,0 +1,274 @@
+"""Cross-cutting training features as Lightning callbacks: text samples, throughput/MFU, prediction files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+import torch
+
+from project.generate import complete_batch
+
+
+class TextSampleCallback(Callback):
+    """After each validation, generate a sample from `prompt` and log it to TensorBoard (tab TEXT).
+
+    The seed is fixed so that samples from successive validations differ only because the model learned.
+    """
+
+    def __init__(self, prompt: str = "\n", max_new_tokens: int = 200, seed: int = 1234) -> None:
+        self.prompt, self.max_new_tokens, self.seed = prompt, max_new_tokens, seed
+        self.last_sample: str | None = None
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or pl_module.tokenizer is None:
+            return
+        if pl_module.device_mesh is not None:  # sharded weights: rank 0 alone cannot run the model
+            return
+        settings = replace(pl_module.generation, max_new_tokens=self.max_new_tokens, seed=self.seed)
+        self.last_sample = complete_batch(pl_module.model, pl_module.tokenizer, [self.prompt], settings)[0]
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # TensorBoard renders markdown: indent four spaces to keep line breaks and verse layout
+                body = "    " + (self.prompt + self.last_sample).replace("\n", "\n    ")
+                logger.experiment.add_text("samples", body, global_step=trainer.global_step)
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 3,
+                         device: str | torch.device = "cpu") -> float:
+    """Achievable matmul FLOP/s of `device` in `dtype`: the median of a few size x size matmuls (~0.1 s on a CPU).
+
+    The denominator of MFU where no datasheet peak is known (CPUs): "fraction of what this machine's matmul
+    reaches", measured on the spot, so a loaded machine reads lower peaks.
+    """
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm up (thread pool, kernels)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if a.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+class TokenThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor counting tokens: logs train/device/items_per_sec (tokens/s) and
+    train/device/mfu (model FLOPs utilisation) once `window_size` batches have run.
+
+    Args:
+        peak_flops: the device's peak FLOP/s for MFU. None: Lightning's table for known GPUs, and on a CPU a
+            matmul peak measured once at setup in the training dtype (`measure_matmul_flops`).
+        window_size: batches averaged per reading.
+    """
+
+    def __init__(self, peak_flops: float | None = None, window_size: int = 20) -> None:
+        super().__init__(batch_size_fn=lambda batch: batch[0].size(0), length_fn=lambda batch: batch[0].numel(),
+                         window_size=window_size)
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        peak = self.peak_flops
+        if peak is None and self.available_flops is None and trainer.strategy.root_device.type == "cpu":
+            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+            peak = measure_matmul_flops(dtype)
+        if peak is not None:
+            self.available_flops = peak
+            for throughput in self._throughputs.values():
+                throughput.available_flops = peak
+
+    # prediction batches are prompts, not token windows: nothing to count
+    def on_predict_start(self, *args, **kwargs) -> None:
+        pass
+
+    def on_predict_batch_end(self, *args, **kwargs) -> None:
+        pass
+
+    def on_predict_end(self, *args, **kwargs) -> None:
+        pass
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write each completion as a JSON line (prompt, completion, settings) and print it to stdout.
+
+    Args:
+        output_path: the JSONL file; None writes predictions.jsonl into the run's log directory. An existing
+            file is never overwritten.
+        print_to_stdout: also print each prompt and completion.
+    """
+
+    def __init__(self, output_path: str | None = None, print_to_stdout: bool = True) -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = Path(output_path) if output_path else None
+        self.print_to_stdout = print_to_stdout
+
+    def resolve_path(self, trainer: Trainer) -> Path:
+        return self.output_path or Path(trainer.log_dir or ".") / "predictions.jsonl"
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        path = self.resolve_path(trainer)
+        if trainer.is_global_zero and path.exists():
+            raise FileExistsError(f"{path} exists; choose another --predictions.output_path or remove it")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if not trainer.is_global_zero:  # under tensor parallelism every rank holds the same outputs
+            return
+        path = self.resolve_path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            for record in prediction:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.print_to_stdout:
+            for record in prediction:
+                sys.stdout.write(f"{record['prompt']}{record['completion']}\n{'-' * 40}\n")
+            sys.stdout.flush()
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            print(f"predictions written to {self.resolve_path(trainer)}", file=sys.stderr)
+
+
+class GPTCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint (best by val/loss + last.ckpt) that also
+
+    - refreshes last.ckpt every `last_every_n_steps` optimizer steps, independently of the monitored top-k
+      (`every_n_train_steps` of ModelCheckpoint would save top-k files by a stale val/loss instead);
+    - writes every file atomically: to a hidden temporary file in the same folder, then os.replace, so a
+      kill mid-write leaves the previous complete file (Lightning's fsspec transaction stages the bytes in
+      the system temp dir and moves them, which is a plain copy when that dir is another filesystem);
+    - saves last.ckpt on Ctrl-C (KeyboardInterrupt), so `--ckpt_path last` resumes where it stopped;
+    - stores the RNG states (torch, numpy, python, CUDA), so dropout continues the same random stream.
+
+    Args:
+        last_every_n_steps: refresh last.ckpt every this many optimizer steps (None: only with the best
+            checkpoint, at validation, and at the end).
+        save_on_interrupt: save last.ckpt when training is interrupted with Ctrl-C.
+    """
+
+    def __init__(self, *args, last_every_n_steps: int | None = None, save_on_interrupt: bool = True,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if last_every_n_steps is not None and last_every_n_steps < 1:
+            raise ValueError(f"checkpoint.last_every_n_steps must be >= 1 (or null), got {last_every_n_steps}")
+        self.last_every_n_steps, self.save_on_interrupt = last_every_n_steps, save_on_interrupt
+        self._last_step_of_last = 0  # step of the newest last.ckpt
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self.last_every_n_steps
+        if (n and self.save_last and trainer.global_step % n == 0 and not trainer.sanity_checking
+                and self._last_step_of_last != trainer.global_step and not trainer.fast_dev_run):
+            saved = self._last_global_step_saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = saved  # else the best (top-k) save at this step's validation is skipped
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_step_of_last = trainer.global_step
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)  # Lightning's save_on_exception, off by default
+        if (isinstance(exception, KeyboardInterrupt) and self.save_on_interrupt and self.save_last
+                and trainer.state.fn == "fit" and trainer.global_step > 0):
+            if trainer.global_step != self._last_step_of_last:  # else last.ckpt is already this step's
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            if trainer.is_global_zero:
+                print(f"interrupted at step {trainer.global_step}: saved {self.last_model_path}; "
+                      "resume with --ckpt_path last", file=sys.stderr)
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        path = Path(filepath)
+        tmp = path.with_name(f".{path.name}.tmp")
+        trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank takes part (sharded strategies)
+        if trainer.is_global_zero and tmp.exists():
+            if tmp.is_dir() and path.is_dir():  # a distributed (DCP) folder cannot replace a folder atomically
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        trainer.strategy.barrier("GPTCheckpoint._save_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
+    def state_dict(self) -> dict:
+        rng = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        name, keys, pos, has_gauss, gauss = rng.pop("numpy")  # numpy arrays would need pickle: store a tensor
+        rng["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "gauss": float(gauss)}
+        return {**super().state_dict(), "rng_states": rng}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        rng = dict(state_dict.get("rng_states") or {})
+        if not rng:
+            return
+        if isinstance(rng.get("numpy"), dict):
+            n = rng["numpy"]
+            rng["numpy"] = (n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"])
+        if "torch.cuda" in rng and not torch.cuda.is_available():
+            rng.pop("torch.cuda")
+        _set_rng_states(rng)
+
+
+class NonFiniteLossGuard(Callback):
+    """Stop the run (or skip the batch) when the training loss is NaN or infinite.
+
+    The check runs before the optimizer step, so with "stop" the weights (and last.ckpt) keep the last
+    finite state, and with "skip" the batch changes nothing (its gradients are dropped; the LR schedule and
+    the step counter still advance). It costs one host sync of a scalar per optimizer step: negligible next
+    to the step itself, and the progress bar reads the loss on the host every step anyway.
+
+    Args:
+        action: "stop" ends the run with an error naming the step; "skip" drops that batch's update and warns.
+        max_skips: with "skip", stop anyway after this many skipped batches (the run has diverged).
+    """
+
+    def __init__(self, action: Literal["stop", "skip"] = "stop", max_skips: int = 10) -> None:
+        self.action, self.max_skips = action, max_skips
+        self.skipped = 0
+        self._finite: torch.Tensor | None = None
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).all()  # no sync yet: read once per optimizer step below
+        self._finite = finite if self._finite is None else self._finite & finite
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        finite, self._finite = self._finite, None
+        if finite is None or bool(finite):  # the one host sync per step
+            return
+        step = trainer.global_step
+        if self.action == "skip" and self.skipped < self.max_skips:
+            self.skipped += 1
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # AdamW leaves parameters without gradients untouched
+            pl_module.print(f"warning: non-finite training loss at step {step}: skipped this batch "
+                            f"({self.skipped}/{self.max_skips} skips allowed)", file=sys.stderr)
+            return
+        hint = ("lower --model.learning_rate, raise --model.warmup_steps or check the data; "
+                "--nan_guard.action skip skips such batches")
+        if self.action == "skip":
+            hint = f"{self.skipped} batches were skipped already: lower --model.learning_rate"
+        raise NonFiniteLossError(f"non-finite training loss at step {step} (weights not updated): {hint}")
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite (raised by NonFiniteLossGuard)."""

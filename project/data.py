@@ -1,0 +1,286 @@
+"""Text -> token file -> token windows, wrapped as a LightningDataModule.
+
+    corpus (TinyShakespeare, downloaded and checksummed, or any UTF-8 file)
+      -> tokenizer (GPT-2 BPE or characters), once, 90/10 split by characters
+      -> <data_dir>/<corpus>-<tokenizer>-<hash>/{train,val}.bin (numpy memmap) + meta.json
+      -> train: endless seeded random windows, a distinct stream per rank; val: fixed windows
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_state
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+CACHE_VERSION = 1  # bump when the token file layout changes, so stale caches are rebuilt
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so a crash or a concurrent rank never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def download_shakespeare(dest: Path, url: str = SHAKESPEARE_URL) -> None:
+    """Download TinyShakespeare to `dest`, verifying its SHA-256."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            data = response.read()
+    except OSError as err:
+        raise ConnectionError(
+            f"could not download TinyShakespeare from {url} ({err}); offline? "
+            f"put a local copy at {dest} or pass --data.path /path/to/input.txt"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
+        raise ConnectionError(f"downloaded TinyShakespeare from {url} failed its SHA-256 check; nothing was written")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dest, data)
+
+
+def read_corpus(path: Path) -> str:
+    """The corpus text, or a one-line error naming what is wrong with the file."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"corpus file {path} is not UTF-8 (byte {err.start}): re-encode it, e.g. iconv -t utf-8"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"corpus file {path} is empty: pass --data.path pointing to a file with text")
+    return text
+
+
+class TrainWindows(IterableDataset):
+    """Endless random (block_size + 1)-token windows, yielded as whole batches (x, y).
+
+    Batch number i of rank r is a pure function of (seed, r, i): streams differ between ranks, repeat
+    between runs, and can resume at any batch (`start_batch`). DataLoader workers take every n-th batch,
+    and the loader interleaves them back in order.
+    """
+
+    def __init__(self, tokens_path: Path, dtype: str, block_size: int, batch_size: int, seed: int,
+                 rank: int = 0, start_batch: int = 0) -> None:
+        self.tokens_path, self.dtype = tokens_path, dtype
+        self.block_size, self.batch_size = block_size, batch_size
+        self.seed, self.rank, self.start_batch = seed, rank, start_batch
+
+    def batch(self, tokens: np.ndarray, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, index])
+        starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
+        windows = np.stack([tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
+        windows = torch.from_numpy(windows)
+        return windows[:, :-1], windows[:, 1:]  # targets are the inputs shifted by one
+
+    def __iter__(self):
+        tokens = np.memmap(self.tokens_path, dtype=self.dtype, mode="r")
+        worker = get_worker_info()
+        step, offset = (worker.num_workers, worker.id) if worker else (1, 0)
+        index = self.start_batch + offset
+        while True:
+            yield self.batch(tokens, index)
+            index += step
+
+
+class ValWindows(Dataset):
+    """Fixed, evenly spaced windows over the validation split: the same val loss on every run."""
+
+    def __init__(self, tokens_path: Path, dtype: str, block_size: int, max_windows: int | None) -> None:
+        self.tokens = np.memmap(tokens_path, dtype=dtype, mode="r")
+        self.block_size = block_size
+        available = (len(self.tokens) - 1) // block_size
+        if available < 1:
+            raise ValueError(
+                f"validation split has {len(self.tokens)} tokens, fewer than one window of {block_size + 1}: "
+                "use a longer corpus or a smaller block_size"
+            )
+        count = available if max_windows is None else min(available, max_windows)
+        self.starts = np.linspace(0, (available - 1) * block_size, count).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = int(self.starts[i])
+        window = torch.from_numpy(self.tokens[s : s + self.block_size + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+
+class TextDataModule(LightningDataModule):
+    """TinyShakespeare (downloaded when missing) or any UTF-8 text file, tokenized once and streamed.
+
+    Args:
+        path: corpus file; None means TinyShakespeare at <data_dir>/tinyshakespeare/input.txt.
+        data_dir: where downloads and token caches live.
+        tokenizer: a tiktoken encoding name ("gpt2") or "char" for a character vocabulary of the corpus.
+        vocabulary: with tokenizer "char", the characters in id order; None derives them from the corpus.
+            The CLI fills it from the checkpoint when one is given, so predicting needs no corpus.
+        block_size: tokens per training window (linked from the model's config by the CLI).
+        batch_size: windows per batch.
+        val_fraction: tail fraction of the text (by characters) held out for validation.
+        max_val_windows: cap on validation windows (None = every non-overlapping window).
+        num_workers: DataLoader worker processes for the training stream.
+        seed: seed of the training stream.
+        prompts: prompts that `predict` completes.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        data_dir: str = "data",
+        tokenizer: str = "gpt2",
+        vocabulary: str | None = None,
+        block_size: int = 256,
+        batch_size: int = 16,
+        val_fraction: float = 0.1,
+        max_val_windows: int | None = None,
+        num_workers: int = 0,
+        seed: int = 1337,
+        prompts: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.data_dir = Path(data_dir)
+        self.path = Path(path) if path else self.data_dir / "tinyshakespeare" / "input.txt"
+        self.is_shakespeare = path is None
+        self.tokenizer_name, self.vocabulary = tokenizer, vocabulary
+        self.block_size, self.batch_size = block_size, batch_size
+        self.val_fraction, self.max_val_windows = val_fraction, max_val_windows
+        self.num_workers, self.seed = num_workers, seed
+        self.prompts = prompts if prompts is not None else ["\n"]
+        self._tokenizer: Tokenizer | None = None
+        self.meta: dict | None = None
+        self.start_batch = 0  # set from the trainer's step count, so a resumed stream continues where it stopped
+
+    # --- corpus and token cache ----------------------------------------------------------------------
+
+    def ensure_corpus(self) -> None:
+        """Download TinyShakespeare when it is the corpus and no local copy exists; verify a local copy."""
+        if not self.is_shakespeare:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"corpus file {self.path} does not exist: pass --data.path pointing to a UTF-8 text file")
+            return
+        if not self.path.exists():
+            download_shakespeare(self.path)
+        elif sha256_of(self.path) != SHAKESPEARE_SHA256:
+            raise ValueError(f"{self.path} is not the expected TinyShakespeare (SHA-256 mismatch): delete it to re-download")
+
+    @property
+    def cache_dir(self) -> Path:
+        # keyed by corpus content and tokenizer, so a changed file or tokenizer never reuses stale tokens
+        key = hashlib.sha256(f"{sha256_of(self.path)}:{self.tokenizer_name}:{self.vocabulary}:{self.val_fraction}:{CACHE_VERSION}".encode()).hexdigest()[:12]
+        return self.data_dir / "tokens" / f"{self.path.stem}-{self.tokenizer_name}-{key}"
+
+    def prepare_data(self) -> None:
+        """Tokenize the corpus once into train.bin / val.bin (uint16 or uint32) plus meta.json."""
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING:
+            return  # predicting completes prompts: no corpus needed
+        self.ensure_corpus()
+        out = self.cache_dir
+        if (out / "meta.json").exists():
+            return
+        text = read_corpus(self.path)
+        if self.tokenizer_name != "char":
+            tokenizer = TiktokenTokenizer(self.tokenizer_name)
+        else:
+            tokenizer = CharTokenizer(self.vocabulary) if self.vocabulary else CharTokenizer.from_text(text)
+        split = int(len(text) * (1 - self.val_fraction))
+        dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"tokenizer": tokenizer.state_dict(), "dtype": dtype, "source": str(self.path)}
+        for name, part in (("train", text[:split]), ("val", text[split:])):
+            ids = np.array(tokenizer.encode(part), dtype=dtype)
+            if len(ids) < self.block_size + 2:
+                raise ValueError(
+                    f"the {name} split of {self.path} has {len(ids)} tokens, fewer than one window of "
+                    f"{self.block_size + 1}: use a longer corpus or a smaller --model.config.block_size"
+                )
+            atomic_write_bytes(out / f"{name}.bin", ids.tobytes())
+            meta[f"{name}_tokens"] = int(len(ids))
+            meta[f"{name}_bytes"] = len(part.encode("utf-8"))
+        atomic_write_bytes(out / "meta.json", json.dumps(meta, indent=2).encode())
+
+    def load_meta(self) -> dict:
+        if self.meta is None:
+            self.prepare_data()  # no-op when cached; needed when the vocabulary is asked for before fit
+            self.meta = json.loads((self.cache_dir / "meta.json").read_text())
+        return self.meta
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            if self.tokenizer_name == "char" and self.vocabulary:
+                self._tokenizer = CharTokenizer(self.vocabulary)
+            elif self.tokenizer_name == "char":
+                self._tokenizer = tokenizer_from_state(self.load_meta()["tokenizer"])
+            else:  # BPE needs no corpus: predicting from a checkpoint works without the data folder
+                self._tokenizer = TiktokenTokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Linked into the model config by the CLI, so it is never typed twice."""
+        return self.tokenizer.vocab_size
+
+    @property
+    def val_bytes_per_token(self) -> float:
+        """UTF-8 bytes per token of the validation split: turns nats/token into bits per byte."""
+        meta = self.load_meta()
+        return meta["val_bytes"] / meta["val_tokens"]
+
+    # --- loaders -------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate", "test"):
+            self.load_meta()
+
+    def train_dataloader(self) -> DataLoader:
+        meta = self.load_meta()
+        rank = self.trainer.global_rank if self.trainer else 0
+        # the data-parallel rank: the ranks of one tensor-parallel group must read the same batches
+        rank = (getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("rank", rank) if self.trainer else 0
+        if self.trainer is not None:
+            # resuming: continue the stream after the batches the restored steps consumed. Derived from the
+            # step count (restored before the loader is built), not from batches yielded, which DataLoader
+            # prefetching overcounts; checkpoints are written at optimizer-step boundaries
+            self.start_batch = self.trainer.global_step * self.trainer.accumulate_grad_batches
+        windows = TrainWindows(self.cache_dir / "train.bin", meta["dtype"], self.block_size, self.batch_size,
+                               self.seed, rank=rank, start_batch=self.start_batch)
+        # an own generator: creating the loader's iterator then draws no number from the global RNG, so a
+        # resumed run (new iterator after the RNG state is restored) keeps the same dropout stream
+        return DataLoader(windows, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        meta = self.load_meta()
+        windows = ValWindows(self.cache_dir / "val.bin", meta["dtype"], self.block_size, self.max_val_windows)
+        return DataLoader(windows, batch_size=self.batch_size, shuffle=False, generator=torch.Generator().manual_seed(self.seed))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        # one prompt per batch: prompts have different lengths, and generation needs no padding this way
+        return DataLoader(self.prompts, batch_size=1, collate_fn=list)

@@ -1,0 +1,282 @@
+"""Sampling from a GPT: KV-cached decoding, greedy/temperature/top-k/top-p, stop conditions, streaming.
+
+Every caller (CLI `generate`, `predict`, TensorBoard samples, the Gradio app, notebooks) goes through
+`generate` (token ids in, token ids out) or `stream` (text in, text pieces out).
+
+Context overflow: the prompt must fit the model's context (`block_size`), else ValueError. When prompt +
+new tokens outgrow the context, the window slides: each further token is predicted from the most recent
+`block_size` tokens, exactly as the no-cache path crops its input (so both paths agree token for token).
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from project.model import GPT
+from project.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling controls shared by the CLI, predict, the TensorBoard sample callback and the app."""
+
+    max_new_tokens: int = 200  # tokens to generate at most
+    temperature: float = 0.8  # 0 = greedy; <1 sharper, >1 flatter
+    top_k: int | None = 200  # keep the k most likely tokens (None = all)
+    top_p: float | None = None  # keep the smallest set with this much probability mass (None = all)
+    seed: int | None = None  # fixes the sampled text
+    stop: list[str] = field(default_factory=list)  # stop when any of these strings appears in the output
+    stop_at_eot: bool = True  # stop at the end-of-text token, when the vocabulary has one
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def validate_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    """Raise ValueError with the allowed range for any sampling value out of range."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set all but the k largest logits of each row (..., V) to -inf."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability sums to at least p (nucleus).
+
+    Tokens tied with the least likely kept one are kept too (as `top_k_filter` does), so the result does
+    not depend on how the sort orders ties. p >= 1 keeps every token.
+    """
+    if p >= 1.0:  # cumulative sums may round past 1 before the last token: keep everything explicitly
+        return logits
+    sorted_logits = torch.sort(logits, descending=True, dim=-1).values
+    probs = sorted_logits.softmax(dim=-1)
+    cumulative = probs.cumsum(dim=-1)
+    # probability of all strictly more likely tokens: an exclusive cumsum (monotone, exactly 0 at the top)
+    mass_before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], dim=-1)
+    n_keep = (mass_before < p).sum(dim=-1, keepdim=True).clamp_(min=1)  # a prefix of the sorted tokens
+    threshold = sorted_logits.gather(-1, n_keep - 1)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One token id per row from last-position logits (B, V)."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def validate_prompt(idx: torch.Tensor, block_size: int) -> None:
+    """Raise ValueError unless idx is a non-empty (B, T) batch of token ids that fits the context."""
+    if idx.dim() != 2 or idx.size(0) == 0 or idx.size(1) == 0:
+        raise ValueError(f"prompt must be a non-empty (B, T) tensor of token ids, got shape {tuple(idx.shape)}")
+    if idx.size(1) > block_size:
+        raise ValueError(f"prompt has {idx.size(1)} tokens but the model's context is {block_size}: shorten the prompt")
+
+
+def generate_tokens(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_kv_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B,) one step at a time. The building block of `generate` and `stream`.
+
+    Arguments are checked when called (ValueError), before the first token is produced. Close the iterator
+    (or exhaust it) to free the KV cache and restore the model's train/eval mode.
+    """
+    validate_sampling(temperature, top_k, top_p, max_new_tokens)
+    validate_prompt(idx, model.config.block_size)
+    return _generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_kv_cache)
+
+
+@torch.inference_mode()
+def _generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                     top_p: float | None, seed: int | None, use_kv_cache: bool) -> Iterator[torch.Tensor]:
+    block_size = model.config.block_size
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    if max_new_tokens == 0:
+        return
+    batch, prompt_len = idx.shape
+    # every token of the sequence so far, preallocated (no per-step concatenation)
+    seq = torch.empty(batch, prompt_len + max_new_tokens, dtype=idx.dtype, device=idx.device)
+    seq[:, :prompt_len] = idx
+    length = prompt_len
+    positions = torch.arange(block_size, device=idx.device)  # input_pos slices, made once
+    try:
+        if use_kv_cache:
+            model.setup_kv_cache(batch)
+        for _ in range(max_new_tokens):
+            if not use_kv_cache:
+                logits = model(seq[:, max(0, length - block_size) : length], last_only=True)
+            elif length == prompt_len:  # prefill: the whole prompt at once (plain causal attention)
+                logits = model(seq[:, :length], input_pos=positions[:length], last_only=True)
+            elif length <= block_size:  # decode: one new token, attending to the cache
+                logits = model(seq[:, length - 1 : length], input_pos=positions[length - 1 : length], last_only=True)
+            else:  # the context is full: slide the window, re-reading the last block_size tokens
+                logits = model(seq[:, length - block_size : length], input_pos=positions, last_only=True)
+            next_ids = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            seq[:, length] = next_ids
+            length += 1
+            yield next_ids
+    finally:
+        if use_kv_cache:
+            model.clear_kv_cache()
+        model.train(was_training)
+
+
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_kv_cache: bool = True,
+    eot_id: int | None = None,
+    stop: list[str] | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> torch.Tensor:
+    """The prompt ids (B, T) followed by up to `max_new_tokens` generated ids: (B, T + new).
+
+    Generation ends early when every row has produced `eot_id` or one of the `stop` strings (decoded with
+    `tokenizer`); rows that finish first are padded with `eot_id` (or 0) so the batch stays rectangular.
+    """
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer to decode the output")
+    steps = generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, use_kv_cache=use_kv_cache)
+    pad = eot_id if eot_id is not None else 0
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    new: list[torch.Tensor] = []
+    check_done = eot_id is not None or bool(stop)  # else no per-step .all() sync: run to max_new_tokens
+    try:
+        for next_ids in steps:
+            if check_done:
+                next_ids = next_ids.masked_fill(done, pad)
+            new.append(next_ids)
+            if eot_id is not None:
+                done |= next_ids == eot_id
+            if stop:
+                text_rows = [tokenizer.decode(row.tolist()) for row in torch.stack(new, dim=1)]
+                done |= torch.tensor([any(s in text for s in stop) for text in text_rows], device=idx.device)
+            if check_done and bool(done.all()):
+                break
+    finally:
+        steps.close()
+    if not new:
+        return idx
+    return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+
+
+def stream(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    settings: GenerationSettings | None = None,
+    *,
+    use_kv_cache: bool = True,
+) -> Iterator[str]:
+    """Yield the completion of `prompt` as text, piece by piece, as tokens are sampled.
+
+    Bytes of BPE tokens are decoded incrementally, so a multi-byte character split across tokens is
+    emitted whole once complete. Text that might be the start of a stop string is held back until known.
+    """
+    settings = settings or GenerationSettings()
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("prompt is empty: give at least one character")
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    # checked now, when called, so a bad value fails before any text is printed
+    steps = generate_tokens(model, idx, settings.max_new_tokens, temperature=settings.temperature,
+                            top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, use_kv_cache=use_kv_cache)
+    return _stream_text(steps, tokenizer, settings)
+
+
+def _stream_text(steps: Iterator[torch.Tensor], tokenizer: Tokenizer, settings: GenerationSettings) -> Iterator[str]:
+    try:
+        yield from _pieces(steps, tokenizer, settings)
+    finally:  # however the consumer stops, free the cache and restore the model's mode now
+        steps.close()
+
+
+def _pieces(steps: Iterator[torch.Tensor], tokenizer: Tokenizer, settings: GenerationSettings) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    holdback = max((len(s) for s in settings.stop), default=1) - 1
+    text, emitted = "", 0
+    for next_ids in steps:
+        token = int(next_ids[0])
+        if settings.stop_at_eot and token == tokenizer.eot_id:
+            break
+        text += decoder.decode(tokenizer.decode_bytes([token]))
+        cut = min((text.find(s) for s in settings.stop if s in text), default=-1)
+        if cut >= 0:  # a stop string appeared: emit what precedes it, then end
+            if cut > emitted:
+                yield text[emitted:cut]
+            return
+        safe = len(text) - holdback
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    text += decoder.decode(b"", final=True)
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], settings: GenerationSettings) -> list[str]:
+    """Completions of several prompts (batched when they have the same token length), trimmed at stops."""
+    device = next(model.parameters()).device
+    encoded = [tokenizer.encode(p) for p in prompts]
+    if any(not ids for ids in encoded):
+        raise ValueError("prompt is empty: give at least one character")
+    eot_id = tokenizer.eot_id if settings.stop_at_eot else None
+    completions: dict[int, str] = {}
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(i)
+    for length, rows in by_length.items():
+        idx = torch.tensor([encoded[i] for i in rows], dtype=torch.long, device=device)
+        out = generate(model, idx, settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+                       top_p=settings.top_p, seed=settings.seed, eot_id=eot_id, stop=settings.stop or None,
+                       tokenizer=tokenizer)
+        for i, row in zip(rows, out[:, length:].tolist()):
+            if eot_id is not None and eot_id in row:
+                row = row[: row.index(eot_id)]
+            text = tokenizer.decode(row)
+            for s in settings.stop:
+                text = text.split(s)[0]
+            completions[i] = text
+    return [completions[i] for i in range(len(prompts))]
+

@@ -1,0 +1,348 @@
+"""A decoder-only transformer (GPT) in plain PyTorch.
+
+One config dataclass switches between the GPT-2 recipe (learned positions, LayerNorm, GELU, tied head)
+and the Llama recipe (rotary positions, RMSNorm, SwiGLU, grouped-query attention). Nothing here imports
+Lightning, so the model can be used from notebooks, export code and tests on its own.
+
+Shapes: B batch, T sequence length, C = n_embd, H = n_head, Hkv = n_kv_head, D = head_dim, V = vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class GPTConfig:
+    """Every architectural choice of the model. The defaults are the GPT-2 recipe."""
+
+    vocab_size: int = 50257  # tokens in the vocabulary; normally linked from the data module
+    block_size: int = 256  # context length: the most positions the model ever sees
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # query heads per attention layer
+    n_embd: int = 384  # residual stream width; must divide evenly into n_head heads
+    n_kv_head: int | None = None  # key/value heads: None = n_head (MHA), 1 = multi-query, else grouped-query
+    dropout: float = 0.0  # dropout on attention weights and residual branches (0 for short runs)
+    bias: bool = True  # biases in linear layers and LayerNorm, as GPT-2; Llama uses none
+    positions: Literal["learned", "rope"] = "learned"  # learned absolute embeddings or rotary (RoPE)
+    rope_base: float = 10000.0  # RoPE frequency base (theta)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp_hidden: int | None = None  # MLP width: None = 4*n_embd for GELU, ~8/3*n_embd (rounded) for SwiGLU
+    gelu_approximate: Literal["none", "tanh"] = "tanh"  # GPT-2 (and its transformers port) uses tanh
+    tie_embeddings: bool = True  # share the token embedding with the LM head
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                f"choose n_embd as a multiple of n_head (e.g. {self.n_head * max(1, self.n_embd // self.n_head)})"
+            )
+        if self.kv_heads < 1 or self.n_head % self.kv_heads != 0:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must be >= 1 and divide n_head ({self.n_head})")
+        if self.positions == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(f"RoPE needs an even head_dim, got n_embd/n_head = {self.head_dim}")
+        for name in ("vocab_size", "block_size", "n_layer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def hidden_dim(self) -> int:
+        """MLP hidden width. SwiGLU has three matrices instead of two, so 2/3 of 4*C keeps the count level."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        multiple = 64
+        return multiple * math.ceil(int(2 * 4 * self.n_embd / 3) / multiple)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (no mean subtraction, no bias), as in Llama."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # compute in float32 for stability under bf16 autocast
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_cache(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (block_size, head_dim) for rotary embeddings, in the "rotate half" layout."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, half, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D): the same angle for element i and i + D/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + D/2]) of x (B, H, T, D) by position-dependent angles; cos/sin are (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions, preallocated to the longest sequence, for one attention layer."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, device, dtype) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, D) at positions `pos` (T,) and return the cache up to the last one written."""
+        batch = k.size(0)
+        self.k[:batch, :, pos] = k.to(self.k.dtype)
+        self.v[:batch, :, pos] = v.to(self.v.dtype)
+        end = int(pos[-1]) + 1
+        return self.k[:batch, :, :end], self.v[:batch, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with optional grouped-query heads, RoPE and a KV cache."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        # separate projections (not one fused qkv) so tensor parallelism can shard each by heads
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache: KVCache | None = None
+
+    def qkv_heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
+        """Project x (B, T, C) to q (B, H, T, D) and k, v (B, Hkv, T, D), rotated when RoPE is on."""
+        B, T, _ = x.shape
+        # view with -1 heads (not self.n_head) so tensor-parallel shards holding fewer heads still work
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_heads(x, rope)
+        if input_pos is None:  # training / full forward: plain causal attention
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=q.size(1) != k.size(1)
+            )
+        else:  # cached decoding: attend to every cached position up to each query's own position
+            if self.kv_cache is None:
+                raise RuntimeError("input_pos given but no KV cache: call model.setup_kv_cache(batch_size) first")
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, T_cache, D), T_cache = last position + 1
+            gqa = q.size(1) != k.size(1)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            if T == 1:  # one new token sees every cached position: no mask to build
+                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            elif T == k.size(2):  # prefill from position 0 (input_pos ascending): plain causal
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:
+                mask = torch.arange(k.size(2), device=x.device)[None, :] <= input_pos[:, None]  # (T, T_cache)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, H, T, D) -> (B, T, H*D)
+        return self.resid_dropout(self.proj(y))
+
+    def attention_weights(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The softmax attention pattern (B, H, T, T) for inspection; the textbook formula, not the fast path."""
+        q, k, _ = self.qkv_heads(x, rope)
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        T = x.size(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (GPT-2) or SwiGLU (Llama)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_dim
+        self.swiglu = config.mlp == "swiglu"
+        self.approximate = config.gelu_approximate
+        self.fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        if self.swiglu:
+            self.gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            h = F.silu(self.gate(x)) * self.fc(x)
+        else:
+            h = F.gelu(self.fc(x), approximate=self.approximate)
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, input_pos=None):
+        x = x + self.attn(self.norm1(x), rope, input_pos)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """The language model: token ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.positions == "rope":
+            cos, sin = rope_cache(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        # each block adds two branches to the residual stream; keep its variance from growing with depth
+        std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=std)
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T). With `input_pos` (T,) the KV cache is read and written.
+
+        `last_only` computes the logits of the last position only, (B, 1, V): all that sampling needs.
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)
+        else:
+            if int(input_pos[-1]) >= self.config.block_size:
+                raise ValueError(f"position {int(input_pos[-1])} is past block_size {self.config.block_size}")
+            pos = input_pos
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            rope = (self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype))
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, input_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    # --- inference helpers -------------------------------------------------------------------------
+
+    def setup_kv_cache(self, batch_size: int, device=None, dtype=None) -> None:
+        """Preallocate a KV cache for `batch_size` sequences of up to block_size tokens (inference only)."""
+        param = self.wte.weight
+        for block in self.blocks:
+            attn = block.attn
+            attn.kv_cache = KVCache(
+                batch_size, self.config.block_size, self.config.kv_heads, self.config.head_dim,
+                device=device or param.device, dtype=dtype or param.dtype,
+            )
+
+    def clear_kv_cache(self) -> None:
+        """Free the KV cache; the training path never uses it."""
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
+        """Attention weights of every layer and head, (n_layer, B, H, T, T), for visualisation."""
+        T = idx.size(1)
+        pos = torch.arange(T, device=idx.device)
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        maps = []
+        for block in self.blocks:
+            maps.append(block.attn.attention_weights(block.norm1(x), rope))
+            x = block(x, rope)
+        return torch.stack(maps)
+
+    # --- accounting --------------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (shared tensors once). `non_embedding` drops the lookup tables (wte when untied, wpe)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward): 6 per matmul weight plus attention's 12*L*C*T."""
+        T = seq_len or self.config.block_size
+        cfg = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T

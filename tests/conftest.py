@@ -1,0 +1,58 @@
+"""Shared test setup: offline data from ../shared/data, tiny model configs, a trained tiny checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PROJECT_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+# offline: tiktoken reads its BPE files from the shared cache; hub lookups and analytics are off
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    if not SHAKESPEARE.is_file():
+        pytest.fail(f"offline TinyShakespeare missing at {SHAKESPEARE}: set PROJECT_SHARED_DATA")
+    return SHAKESPEARE
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, shakespeare_path: Path) -> Path:
+    """A data folder holding a local TinyShakespeare, as if downloaded before."""
+    target = tmp_path / "data" / "tinyshakespeare" / "input.txt"
+    target.parent.mkdir(parents=True)
+    shutil.copy(shakespeare_path, target)
+    return tmp_path / "data"
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m project ...` in a subprocess, as a user would."""
+    return subprocess.run([sys.executable, "-m", "project", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, shakespeare_path: Path) -> dict:
+    """A tiny character model trained once per session through the real CLI (configs/debug.yaml)."""
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "data" / "tinyshakespeare" / "input.txt"
+    data.parent.mkdir(parents=True)
+    shutil.copy(shakespeare_path, data)
+    result = run_cli("fit", "--config", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(root / "data"),
+                     cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = root / "runs" / "gpt" / "version_0"
+    return {"root": root, "run_dir": run_dir, "ckpt": run_dir / "checkpoints" / "last.ckpt", "stdout": result.stdout,
+            "stderr": result.stderr}
