@@ -1,0 +1,449 @@
+"""Hugging Face compatibility: export a GPT (and its tokenizer) to a transformers directory, and back.
+
+    python -m project export --ckpt_path runs/.../last.ckpt --out hf_model
+
+The directory loads offline with `AutoModelForCausalLM.from_pretrained(DIR)`, `AutoTokenizer.from_pretrained(DIR)`
+and `transformers.pipeline("text-generation", model=DIR)`, with the same logits as the original model.
+
+Two recipes map exactly onto a transformers architecture; any other combination of options is refused:
+
+- GPT-2 (learned positions, layernorm, gelu, bias, MHA) -> `GPT2LMHeadModel`. Its Conv1D weights are stored
+  (in, out), so linear weights are transposed, and q, k, v are concatenated into one `c_attn`.
+- Llama (rope, rmsnorm, swiglu, any n_kv_head) -> `LlamaForCausalLM`. Our rotary layout (rotate-half) is the
+  one transformers uses, so q/k need no permutation; gate -> gate_proj, fc -> up_proj, proj -> down_proj.
+
+Weights are written and read with safetensors only: nothing is ever unpickled. transformers is imported
+lazily, so the rest of the project does not need it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from project.checkpoint import LoadedCheckpoint
+from project.model import GPT, GPTConfig
+from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
+
+GPT2_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}  # ours -> transformers, bit-identical ops
+GPT2_ACTIVATIONS_IN = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+CONFIG_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "kv_heads", "bias", "positions", "rope_base", "norm",
+                 "norm_eps", "mlp", "hidden_dim", "gelu_approximate", "tie_embeddings")
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("Hugging Face export/import needs transformers: pip install 'project[hf]'") from None
+    return transformers
+
+
+# --- architecture mapping -------------------------------------------------------------------------------
+
+
+def hf_family(config: GPTConfig) -> str:
+    """'gpt2' or 'llama': the transformers architecture that represents `config` exactly, else ValueError."""
+    if config.positions == "learned":
+        family, problems = "gpt2", []
+        if config.norm != "layernorm":
+            problems.append(f"learned positions with {config.norm} cannot be represented (GPT-2 uses layernorm)")
+        if config.mlp != "gelu":
+            problems.append(f"learned positions with {config.mlp} cannot be represented (GPT-2 uses gelu)")
+        if not config.bias:
+            problems.append("learned positions with bias=false cannot be represented (GPT-2 has biases)")
+        if config.kv_heads != config.n_head:
+            problems.append(f"learned positions with n_kv_head={config.n_kv_head} cannot be represented "
+                            f"(GPT-2 has no grouped-query attention)")
+    else:
+        family, problems = "llama", []
+        if config.norm != "rmsnorm":
+            problems.append(f"rope with {config.norm} cannot be represented (Llama uses rmsnorm)")
+        if config.mlp != "swiglu":
+            problems.append(f"rope with {config.mlp} cannot be represented (Llama uses swiglu)")
+    if problems:
+        raise ValueError(
+            "; ".join(problems) + ". Exportable recipes: GPT-2 (positions=learned, norm=layernorm, mlp=gelu, "
+            "bias=true, n_kv_head=null) or Llama (positions=rope, norm=rmsnorm, mlp=swiglu)"
+        )
+    return family
+
+
+def hf_config(config: GPTConfig, eos_token_id: int | None = None):
+    """The transformers config (GPT2Config or LlamaConfig) equivalent to `config`."""
+    transformers = _require_transformers()
+    family = hf_family(config)
+    common = dict(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_embeddings,
+                  bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None)
+    if family == "gpt2":
+        return transformers.GPT2Config(
+            n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
+            n_inner=config.hidden_dim, activation_function=GPT2_ACTIVATIONS[config.gelu_approximate],
+            resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+            layer_norm_epsilon=config.norm_eps, architectures=["GPT2LMHeadModel"], **common,
+        )
+    return transformers.LlamaConfig(
+        hidden_size=config.n_embd, intermediate_size=config.hidden_dim, num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head, num_key_value_heads=config.kv_heads, head_dim=config.head_dim,
+        hidden_act="silu", max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_base)},
+        attention_bias=config.bias, mlp_bias=config.bias, attention_dropout=config.dropout,
+        architectures=["LlamaForCausalLM"], **common,
+    )
+
+
+def config_from_hf(hf) -> GPTConfig:
+    """Our GPTConfig for a transformers GPT2Config or LlamaConfig (ValueError for anything else)."""
+    model_type = getattr(hf, "model_type", None)
+    if model_type == "gpt2":
+        act = GPT2_ACTIVATIONS_IN.get(hf.activation_function)
+        problems = []
+        if act is None:
+            problems.append(f"activation_function={hf.activation_function!r} (supported: {sorted(GPT2_ACTIVATIONS_IN)})")
+        if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx:
+            problems.append("non-standard attention scaling")
+        if problems:
+            raise ValueError(f"cannot import this GPT-2 variant: {'; '.join(problems)}")
+        return GPTConfig(
+            vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd,
+            bias=True, positions="learned", norm="layernorm", norm_eps=hf.layer_norm_epsilon, mlp="gelu",
+            mlp_hidden=hf.n_inner or 4 * hf.n_embd, gelu_approximate=act, tie_embeddings=bool(hf.tie_word_embeddings),
+        )
+    if model_type == "llama":
+        rope = getattr(hf, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        problems = []
+        if hf.hidden_act != "silu":
+            problems.append(f"hidden_act={hf.hidden_act!r} (need 'silu')")
+        if rope_type != "default":
+            problems.append(f"rope_type={rope_type!r} (need 'default')")
+        if head_dim * hf.num_attention_heads != hf.hidden_size:
+            problems.append(f"head_dim={head_dim} != hidden_size / num_attention_heads")
+        if bool(getattr(hf, "attention_bias", False)) != bool(getattr(hf, "mlp_bias", False)):
+            problems.append("attention_bias and mlp_bias differ")
+        if problems:
+            raise ValueError(f"cannot import this Llama variant: {'; '.join(problems)}")
+        return GPTConfig(
+            vocab_size=hf.vocab_size, block_size=hf.max_position_embeddings, n_layer=hf.num_hidden_layers,
+            n_head=hf.num_attention_heads, n_embd=hf.hidden_size, n_kv_head=hf.num_key_value_heads,
+            bias=bool(getattr(hf, "attention_bias", False)), positions="rope", rope_base=float(theta), norm="rmsnorm",
+            norm_eps=hf.rms_norm_eps, mlp="swiglu", mlp_hidden=hf.intermediate_size,
+            tie_embeddings=bool(hf.tie_word_embeddings),
+        )
+    raise ValueError(f"cannot import model_type {model_type!r}: only 'gpt2' and 'llama' directories are supported")
+
+
+# --- weights ---------------------------------------------------------------------------------------------
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under transformers names and layouts (tied lm_head left out, as transformers saves it)."""
+    cfg = model.config
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    if hf_family(cfg) == "gpt2":
+        out["transformer.wte.weight"] = sd["wte.weight"]
+        out["transformer.wpe.weight"] = sd["wpe.weight"]
+        for i in range(cfg.n_layer):
+            b, h = f"blocks.{i}.", f"transformer.h.{i}."
+            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+                out[h + theirs + ".weight"] = sd[b + ours + ".weight"]
+                out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
+            qkv = [f"{b}attn.{p}_proj" for p in "qkv"]
+            out[h + "attn.c_attn.weight"] = torch.cat([sd[p + ".weight"] for p in qkv], 0).t()
+            out[h + "attn.c_attn.bias"] = torch.cat([sd[p + ".bias"] for p in qkv], 0)
+            for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+                out[h + theirs + ".weight"] = sd[b + ours + ".weight"].t()
+                out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
+    else:
+        out["model.embed_tokens.weight"] = sd["wte.weight"]
+        names = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q_proj": "self_attn.q_proj",
+                 "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj", "attn.proj": "self_attn.o_proj",
+                 "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
+        for i in range(cfg.n_layer):
+            for ours, theirs in names.items():
+                for kind in ("weight", "bias"):
+                    if f"blocks.{i}.{ours}.{kind}" in sd:
+                        out[f"model.layers.{i}.{theirs}.{kind}"] = sd[f"blocks.{i}.{ours}.{kind}"]
+        out["model.norm.weight"] = sd["norm.weight"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our state dict from transformers weights (GPT-2 keys with or without the `transformer.` prefix)."""
+    out: dict[str, torch.Tensor] = {}
+    if hf_family(config) == "gpt2":
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        out["wte.weight"], out["wpe.weight"] = state["wte.weight"], state["wpe.weight"]
+        C = config.n_embd
+        for i in range(config.n_layer):
+            b, h = f"blocks.{i}.", f"h.{i}."
+            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+                out[b + ours + ".weight"] = state[h + theirs + ".weight"]
+                out[b + ours + ".bias"] = state[h + theirs + ".bias"]
+            w, bias = state[h + "attn.c_attn.weight"].t(), state[h + "attn.c_attn.bias"]
+            for j, p in enumerate("qkv"):
+                out[f"{b}attn.{p}_proj.weight"] = w[j * C:(j + 1) * C]
+                out[f"{b}attn.{p}_proj.bias"] = bias[j * C:(j + 1) * C]
+            for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+                out[b + ours + ".weight"] = state[h + theirs + ".weight"].t()
+                out[b + ours + ".bias"] = state[h + theirs + ".bias"]
+        out["norm.weight"], out["norm.bias"] = state["ln_f.weight"], state["ln_f.bias"]
+    else:
+        out["wte.weight"] = state["model.embed_tokens.weight"]
+        names = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q_proj": "self_attn.q_proj",
+                 "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj", "attn.proj": "self_attn.o_proj",
+                 "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
+        for i in range(config.n_layer):
+            for ours, theirs in names.items():
+                for kind in ("weight", "bias"):
+                    if f"model.layers.{i}.{theirs}.{kind}" in state:
+                        out[f"blocks.{i}.{ours}.{kind}"] = state[f"model.layers.{i}.{theirs}.{kind}"]
+        out["norm.weight"] = state["model.norm.weight"]
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out["wte.weight"]
+    elif "lm_head.weight" in state:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers directory's safetensors file(s); pickled .bin weights are refused."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(path / shard))
+        return state
+    if any(path.glob("*.bin")):
+        raise ValueError(f"{path} holds only pickled .bin weights, which are never loaded here: convert them to "
+                         f"safetensors first (model.save_pretrained(dir, safe_serialization=True))")
+    raise FileNotFoundError(f"{path} has no model.safetensors: pass a transformers model directory")
+
+
+def read_hf_config(path: str | Path):
+    """The transformers config of a local directory (offline)."""
+    transformers = _require_transformers()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json)")
+    return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+
+
+def load_hf_weights(model: GPT, path: str | Path) -> None:
+    """Copy the weights of a local transformers GPT-2/Llama directory into `model`, whose architecture must match.
+
+    block_size may differ: with learned positions a shorter context keeps the first block_size position
+    embeddings; rotary positions have no weights.
+    """
+    hf = read_hf_config(path)
+    theirs = config_from_hf(hf)
+    ours = model.config
+    diffs = [f"{name}={getattr(ours, name)!r} (HF: {getattr(theirs, name)!r})" for name in CONFIG_FIELDS
+             if name not in ("rope_base", "gelu_approximate") and getattr(ours, name) != getattr(theirs, name)]
+    if ours.positions == theirs.positions == "rope" and ours.rope_base != theirs.rope_base:
+        diffs.append(f"rope_base={ours.rope_base!r} (HF: {theirs.rope_base!r})")
+    if ours.mlp == theirs.mlp == "gelu" and ours.gelu_approximate != theirs.gelu_approximate:
+        diffs.append(f"gelu_approximate={ours.gelu_approximate!r} (HF: {theirs.gelu_approximate!r})")
+    if ours.positions == theirs.positions == "learned" and ours.block_size > theirs.block_size:
+        diffs.append(f"block_size={ours.block_size} (HF has only {theirs.block_size} positions)")
+    if diffs:
+        summary = ", ".join(f"{k}={v}" for k, v in theirs.to_dict().items() if k not in ("dropout",))
+        raise ValueError(f"init_from {path} does not match the model config: {'; '.join(diffs)}. "
+                         f"The HF model is: {summary}")
+    state = from_hf_state_dict(read_hf_weights(path), theirs)
+    if "wpe.weight" in state:
+        state["wpe.weight"] = state["wpe.weight"][: ours.block_size]
+    if ours.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not ours.tie_embeddings]
+    if missing or unexpected:
+        raise ValueError(f"weights in {path} do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def gpt_from_hf(path: str | Path) -> GPT:
+    """A GPT with the architecture and weights of a local transformers GPT-2 or Llama directory (eval mode)."""
+    model = GPT(config_from_hf(read_hf_config(path)))
+    load_hf_weights(model, path)
+    return model.eval()
+
+
+def load_hf_directory(path: Path, device: str = "cpu") -> LoadedCheckpoint:
+    """An exported transformers directory: the weights through project.hf, the tokenizer from tokenizer.json
+    (a character vocabulary, or GPT-2 BPE, as `export` writes them)."""
+    model = gpt_from_hf(path).to(device).eval()
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        raise FileNotFoundError(f"{tok_file} is missing: pass a directory written by `python -m project export`")
+    spec = json.loads(tok_file.read_text())
+    tokenizer: Tokenizer
+    if spec.get("model", {}).get("type") == "WordLevel":
+        vocab = spec["model"]["vocab"]
+        tokenizer = CharTokenizer("".join(sorted(vocab, key=vocab.get)))
+    else:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        tokenizer = TiktokenTokenizer("gpt2")
+        sample = "First Citizen:\nBefore we proceed any further, hear me speak. \u00e9\u20ac 123"
+        if RustTokenizer.from_file(str(tok_file)).encode(sample, add_special_tokens=False).ids != tokenizer.encode(sample):
+            raise ValueError(f"{tok_file} is neither a character vocabulary nor GPT-2 BPE: cannot serve it")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    return LoadedCheckpoint(model, tokenizer, path)
+
+
+# --- tokenizers ------------------------------------------------------------------------------------------
+
+
+def hf_tokenizer(tokenizer: Tokenizer, model_max_length: int | None = None):
+    """A transformers fast tokenizer encoding text to the same ids as `tokenizer`."""
+    transformers = _require_transformers()
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    if isinstance(tokenizer, TiktokenTokenizer):
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        enc = tokenizer.encoding
+        ranks = enc._mergeable_ranks
+
+        class RanksConverter(TikTokenConverter):
+            # the ranks tiktoken itself uses, not a file looked up (or downloaded) again
+            def load_tiktoken_bpe(self, _vocab_file):
+                return ranks
+
+        backend = RanksConverter(vocab_file=enc.name, pattern=enc._pat_str,
+                                 extra_special_tokens=enc._special_tokens).converted()
+        special = {}
+        if tokenizer.eot_id is not None:
+            eot = enc.decode([tokenizer.eot_id])
+            special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                                    **special, **extra)
+    if isinstance(tokenizer, CharTokenizer):
+        backend = RustTokenizer(models.WordLevel({c: i for i, c in enumerate(tokenizer.chars)}, unk_token=None))
+        # every code point is its own piece ([\s\S] also matches newlines); decoding concatenates without spaces
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                                    **extra)
+    raise ValueError(f"cannot export tokenizer {type(tokenizer).__name__}: expected a tiktoken or char tokenizer")
+
+
+# --- export ----------------------------------------------------------------------------------------------
+
+
+def to_hf_model(model: GPT, eos_token_id: int | None = None):
+    """A transformers model (eval, float32 on CPU) holding exactly `model`'s weights."""
+    transformers = _require_transformers()
+    config = hf_config(model.config, eos_token_id)
+    cls = transformers.GPT2LMHeadModel if config.model_type == "gpt2" else transformers.LlamaForCausalLM
+    hf = cls(config)
+    state = {k: v.to("cpu", torch.float32) for k, v in to_hf_state_dict(model).items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"export mapping incomplete (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    hf.generation_config = transformers.GenerationConfig(bos_token_id=eos_token_id, eos_token_id=eos_token_id,
+                                                         pad_token_id=eos_token_id)
+    return hf.eval()
+
+
+@torch.no_grad()
+def check_parity(model: GPT, hf_model, tokens: int = 8, atol: float = 1e-4) -> float:
+    """Max |logit difference| between `model` and `hf_model` on random ids; RuntimeError above `atol`."""
+    T = min(tokens, model.config.block_size)
+    idx = torch.randint(model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    ours = model.eval()(idx.to(next(model.parameters()).device)).float().cpu()
+    model.train(was_training)
+    diff = (hf_model(idx).logits.float() - ours).abs().max().item()
+    if diff > atol:
+        raise RuntimeError(f"exported model disagrees with the original (max logit difference {diff:.2e})")
+    return diff
+
+
+def _patch_json(path: Path, **values) -> None:
+    data = json.loads(path.read_text())
+    data.update(values)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `model` and `tokenizer` as a transformers directory: config.json, model.safetensors,
+    generation_config.json and tokenizer files. An existing non-empty `out` needs `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file: pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {out} is not empty: pass --overwrite true to replace its contents")
+    hf_family(model.config)  # refuse an unsupported architecture before any work
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    hf_model = to_hf_model(model, tokenizer.eot_id)
+    if next(model.parameters()).dtype == torch.float32:  # lower precisions would differ by rounding alone
+        check_parity(model, hf_model)
+    hf_tok = hf_tokenizer(tokenizer, model_max_length=model.config.block_size)
+    # write everything to a fresh folder first, so a failure never leaves a half-written export behind
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        hf_model.save_pretrained(staging, safe_serialization=True)
+        hf_tok.save_pretrained(staging)
+        if not (staging / "generation_config.json").is_file():
+            hf_model.generation_config.save_pretrained(staging)
+        _patch_json(staging / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")  # 4.x readers too
+        if model.config.positions == "rope":  # transformers 4.x reads rope_theta, 5.x rope_parameters
+            _patch_json(staging / "config.json", rope_theta=float(model.config.rope_base))
+        out.mkdir(exist_ok=True)
+        for stale in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
+            (out / stale).unlink(missing_ok=True)
+        for stale in out.glob("model-*-of-*.safetensors"):
+            stale.unlink()
+        for item in staging.iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            shutil.move(str(item), str(target))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def export_command(*, ckpt_path: str, out: str, overwrite: bool = False) -> None:
+    """Export a checkpoint to a Hugging Face transformers directory (GPT-2 or Llama architecture).
+
+    The directory loads with AutoModelForCausalLM / AutoTokenizer / pipeline("text-generation") and gives
+    the same logits as the checkpoint.
+
+    Args:
+        ckpt_path: a .ckpt written by `python -m project fit`.
+        out: the directory to write (config.json, model.safetensors, generation_config.json, tokenizer files).
+        overwrite: replace the files of an existing non-empty directory.
+    """
+    from project.checkpoint import load_checkpoint
+
+    out_path = Path(out)
+    if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:  # fail before loading anything
+        raise FileExistsError(f"output directory {out_path} is not empty: pass --overwrite true to replace its contents")
+    loaded = load_checkpoint(ckpt_path)
+    export_hf(loaded.model.float(), loaded.tokenizer, out_path, overwrite=overwrite)
+    family = hf_family(loaded.model.config)
+    print(f"exported {ckpt_path} as {'GPT2LMHeadModel' if family == 'gpt2' else 'LlamaForCausalLM'} to {out_path}")
