@@ -1,0 +1,199 @@
+"""DDP, FSDP2 and tensor parallelism on CPU ranks (gloo).
+
+Lightning's FSDPStrategy (FSDP1) refuses CPUs, so FSDP is tested as FSDP2 (`fully_shard`, the plan in
+project/parallel.py) with torch.distributed directly. Multi-process Lightning runs go through the real CLI in
+a subprocess: strategy=ddp launched inside pytest would re-run the whole pytest command in its children.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from project.checkpoint import load_checkpoint
+from project.model import GPT, GPTConfig
+from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.distributed
+
+TINY = dict(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def batch(seed: int = 0, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, TINY["vocab_size"], (size, TINY["block_size"] + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def reference(config: GPTConfig) -> tuple[GPT, torch.Tensor, dict[str, torch.Tensor]]:
+    """The unsharded model, its logits on the full batch and its gradients of the mean loss."""
+    torch.manual_seed(0)
+    model = GPT(config)
+    x, y = batch()
+    logits = model(x)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+    return model, logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def save_like_lightning(model, path: Path, config: GPTConfig, rank: int) -> None:
+    """What ModelParallelStrategy writes: a DCP folder of {"state_dict": {"model.<name>": ...}} + meta.pt."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = {"state_dict": {f"model.{k}": v for k, v in get_model_state_dict(model).items()}}
+    dcp.save(state, checkpoint_id=path)
+    if rank == 0:
+        meta = {"hyper_parameters": {"config": config.to_dict()}, "global_step": 1,
+                "tokenizer": {"kind": "char", "chars": "".join(chr(65 + i) for i in range(TINY["vocab_size"]))}}
+        torch.save(meta, path / "meta.pt")
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    """Every plan on 2 ranks: DDP gradients, FSDP2 gradients + checkpoint, tensor-parallel logits + checkpoint."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel
+
+    from project.parallel import clip_grad_norm_, parallelize
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out = Path(out)
+    results = {}
+    try:
+        for mlp in ("gelu", "swiglu"):
+            # GPT-2 recipe, and Llama's (RoPE, SwiGLU, grouped-query: 4 query heads share 2 key/value heads)
+            llama = dict(n_head=4, n_kv_head=2, positions="rope", norm="rmsnorm", bias=False) if mlp == "swiglu" else {}
+            config = GPTConfig(**{**TINY, **llama}, mlp=mlp)
+            ref_model, ref_logits, ref_grads = reference(config)
+            x, y = batch()
+            half = slice(rank * 2, rank * 2 + 2)  # data parallel: each rank takes half of the global batch
+
+            # DDP: gradients averaged over two half-batches == gradients of the full batch
+            torch.manual_seed(0)
+            ddp = DistributedDataParallel(GPT(config))
+            torch.nn.functional.cross_entropy(ddp(x[half]).flatten(0, 1), y[half].flatten()).backward()
+            results[f"ddp_{mlp}"] = max((p.grad - ref_grads[n]).abs().max().item()
+                                        for n, p in ddp.module.named_parameters())
+
+            # FSDP2 (dp=2, tp=1): sharded gradients gathered == reference; logits of the sharded model
+            torch.manual_seed(0)
+            fsdp = parallelize(GPT(config), init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel")))
+            torch.nn.functional.cross_entropy(fsdp(x[half]).flatten(0, 1), y[half].flatten()).backward()
+            results[f"fsdp_grad_{mlp}"] = max((p.grad.full_tensor() - ref_grads[n]).abs().max().item()
+                                              for n, p in fsdp.named_parameters())
+            clip_grad_norm_(fsdp.parameters(), 1e9)  # runs on DTensors; returns the global norm
+            with torch.no_grad():
+                results[f"fsdp_logits_{mlp}"] = (fsdp(x) - ref_logits).abs().max().item()
+            save_like_lightning(fsdp, out / f"fsdp_{mlp}", config, rank)
+
+            # tensor parallel (dp=1, tp=2): every rank sees the full batch; logits and gradients == reference
+            torch.manual_seed(0)
+            tp = parallelize(GPT(config), init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel")))
+            logits = tp(x)
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+            results[f"tp_logits_{mlp}"] = (logits.detach() - ref_logits).abs().max().item()
+            results[f"tp_grad_{mlp}"] = max(
+                ((p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) - ref_grads[n]).abs().max().item()
+                for n, p in tp.named_parameters())
+            norm = clip_grad_norm_(tp.parameters(), 1e9)
+            ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for n, g in ref_grads.items()
+                                                             if n != "lm_head.weight" or not config.tie_embeddings]))
+            results[f"tp_gradnorm_{mlp}"] = abs(norm.item() - ref_norm.item())
+            save_like_lightning(tp, out / f"tp_{mlp}", config, rank)
+        if rank == 0:
+            torch.save(results, out / "results.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_fsdp2_and_tensor_parallel_match_one_device(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = torch.load(tmp_path / "results.pt")
+    for key, err in results.items():
+        assert err < 1e-5, f"{key}: max difference {err}"
+    # the sharded checkpoints (DCP folders, as ModelParallelStrategy writes them) load on one device
+    for mlp in ("gelu", "swiglu"):
+        for plan in ("fsdp", "tp"):
+            loaded = load_checkpoint(tmp_path / f"{plan}_{mlp}")
+            ref_model, ref_logits, _ = reference(loaded.model.config)
+            with torch.no_grad():
+                torch.testing.assert_close(loaded.model(batch()[0]), ref_logits, atol=1e-5, rtol=0)
+
+
+def test_ddp_fit_two_cpu_processes_with_fewer_val_windows_than_ranks(tmp_path, shakespeare_path):
+    """Real CLI, 2 gloo processes. The val split holds 1 window for 2 ranks: the sampler pads, nobody hangs."""
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(shakespeare_path.read_text(encoding="utf-8")[:600], encoding="utf-8")  # val: 60 chars
+    result = run_cli(
+        "fit", "--config", str(REPO / "configs" / "debug.yaml"), "--config", str(REPO / "configs" / "strategy" / "ddp.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.path", str(corpus),
+        "--data.data_dir", str(tmp_path / "data"), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+        "--samples.max_new_tokens", "8", cwd=tmp_path, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = tmp_path / "runs" / "gpt" / "version_0" / "checkpoints" / "last.ckpt"
+    loaded = load_checkpoint(ckpt)
+    assert loaded.global_step == 4 and "val/loss" in loaded.metrics
+
+
+def test_tensor_parallel_fit_then_consolidate(tmp_path, data_dir):
+    """ModelParallelStrategy (tp=2) through the CLI -> DCP folder -> consolidate -> a single-device checkpoint."""
+    common = ["--config", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(data_dir)]
+    result = run_cli(
+        "fit", *common, "--config", str(REPO / "configs" / "strategy" / "tp.yaml"), "--trainer.accelerator", "cpu",
+        "--trainer.devices", "2", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+        "--trainer.limit_val_batches", "2", "--samples.max_new_tokens", "0", cwd=tmp_path, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "runs" / "gpt" / "version_0" / "checkpoints" / "last.ckpt"
+    assert folder.is_dir() and (folder / "meta.pt").is_file()
+
+    single = tmp_path / "single.ckpt"
+    result = run_cli("consolidate", "--ckpt_path", str(folder), "--out", str(single), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    x = torch.randint(0, 60, (2, 8))
+    a, b = load_checkpoint(folder), load_checkpoint(single)
+    assert a.global_step == b.global_step == 4
+    with torch.no_grad():
+        torch.testing.assert_close(a.model(x), b.model(x), atol=0, rtol=0)
+
+    # the consolidated file is a Lightning checkpoint too (`predict --ckpt_path single.ckpt` on one device)
+    from project.module import GPTModule
+
+    module = GPTModule.load_from_checkpoint(single, map_location="cpu", weights_only=True)
+    assert module.tokenizer is not None
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(x), b.model(x), atol=0, rtol=0)
+
+
+def test_tensor_parallel_ranks_read_the_same_training_batches(data_dir):
+    """Training streams are keyed by the data-parallel rank: a tensor-parallel group shares one stream."""
+    from types import SimpleNamespace
+
+    from project.data import TextDataModule
+
+    def first_batch(global_rank: int, sampler_kwargs: dict | None) -> torch.Tensor:
+        dm = TextDataModule(data_dir=str(data_dir), tokenizer="char", block_size=8, batch_size=2)
+        strategy = SimpleNamespace(distributed_sampler_kwargs=sampler_kwargs) if sampler_kwargs else SimpleNamespace()
+        dm.trainer = SimpleNamespace(global_rank=global_rank, strategy=strategy, state=SimpleNamespace(fn="fit"))
+        return next(iter(dm.train_dataloader()))[0]
+
+    tp_group = {"num_replicas": 1, "rank": 0}  # ModelParallelStrategy, dp=1 x tp=2: both ranks are dp rank 0
+    assert torch.equal(first_batch(0, tp_group), first_batch(1, tp_group))
+    ddp = [{"num_replicas": 2, "rank": r} for r in (0, 1)]  # DDP: dp rank == global rank, distinct streams
+    assert not torch.equal(first_batch(0, ddp[0]), first_batch(1, ddp[1]))
+    assert torch.equal(first_batch(0, None), first_batch(0, ddp[0]))  # single device: rank 0
