@@ -1,0 +1,315 @@
+"""Training speed and quality benchmarks; results and hardware are in benchmarks/README.md ("Training").
+
+Speed (default): training tokens/s of each config's model, side by side in one process, interleaved repeats:
+  (a) lightning  GPTModule + TextDataModule under a Trainer set up as `python -m project fit` sets it up
+                 (precision, gradient clipping, log_every_n_steps, throughput monitor; no validation/checkpoints)
+  (b) plain      the same model, optimizer, schedule, clipping and autocast in a hand-written PyTorch loop
+  (c) naive      (b) with textbook attention (explicit causal mask + softmax) instead of scaled_dot_product_attention
+Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the peak resident-set growth during the run
+(sampled every 5 ms), as torch's CPU allocator is invisible to tracemalloc.
+
+Quality (--quality): trains architecture x optimizer through the real CLI for a wall-clock budget and
+tabulates the final val/bpb from TensorBoard.
+
+    python benchmarks/train.py                      # speed, both configs
+    python benchmarks/train.py --quality --budget-minutes 10
+    python benchmarks/train.py --quick              # smoke test: tiny model, a few steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared" / "data"
+if (SHARED / "tiktoken").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
+
+CONFIGS = {"gpt2": REPO / "configs" / "shakespeare.yaml", "llama": REPO / "configs" / "llama-shakespeare.yaml"}
+VARIANTS = ("lightning", "plain", "naive")
+
+
+def naive_attention_forward(self, x, rope=None, input_pos=None):
+    """Textbook causal self-attention: a drop-in replacement for CausalSelfAttention.forward (training path)."""
+    B, T, _ = x.shape
+    q, k, v = self.qkv_heads(x, rope)
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # grouped-query heads: share each k/v head
+    v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    y = (weights @ v).transpose(1, 2).reshape(B, T, -1)
+    return self.resid_dropout(self.proj(y))
+
+
+class PeakMemory:
+    """Peak memory growth over a block, in MiB."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mib = device, 0.0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base, self.peak, self.stop = self.rss(), self.rss(), threading.Event()
+
+        def sample():
+            while not self.stop.wait(0.005):
+                self.peak = max(self.peak, self.rss())
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.peak_mib = (max(self.peak, self.rss()) - self.base) / 2**20
+
+
+def load_setup(name: str, args) -> dict:
+    cfg = yaml.safe_load(CONFIGS[name].read_text())
+    model, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
+    if args.quick:  # a tiny model: the script's plumbing, not its numbers
+        model["config"].update(block_size=32, n_layer=1, n_embd=48)
+        data["batch_size"] = 4
+    return {"model": model, "data": data, "precision": trainer.get("precision", "32-true"),
+            "log_every_n_steps": trainer.get("log_every_n_steps", 50)}
+
+
+def make_datamodule(setup: dict, args):
+    from project.data import TextDataModule
+
+    dm = TextDataModule(path=args.data_path, data_dir=args.data_dir, block_size=setup["model"]["config"]["block_size"],
+                        **setup["data"])
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def make_module(setup: dict, vocab_size: int):
+    from project.model import GPTConfig
+    from project.module import GPTModule
+
+    torch.manual_seed(1337)
+    model = dict(setup["model"])
+    config = GPTConfig(**{**model.pop("config"), "vocab_size": vocab_size})
+    return GPTModule(config, **model)
+
+
+def autocast_dtype(precision: str):
+    return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
+
+
+def run_lightning(setup, dm, device, steps: int, warmup: int) -> float:
+    """Seconds for `steps` timed training steps (after `warmup`) under the Trainer."""
+    from lightning.pytorch import Callback, Trainer
+
+    from project.callbacks import TokenThroughputMonitor
+
+    class Clock(Callback):
+        def __init__(self):
+            self.times = []
+
+        def on_train_batch_end(self, trainer, *args):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    clock = Clock()
+    module = make_module(setup, dm.vocab_size)
+    trainer = Trainer(
+        accelerator=device.type, devices=1, max_steps=warmup + steps, precision=setup["precision"],
+        gradient_clip_val=1.0, log_every_n_steps=setup["log_every_n_steps"], limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[TokenThroughputMonitor(peak_flops=1e12), clock],
+    )
+    trainer.fit(module, datamodule=dm)
+    return clock.times[-1] - clock.times[warmup - 1]
+
+
+def run_plain(setup, dm, device, steps: int, warmup: int) -> float:
+    """The same training step without Lightning: autocast, loss, backward, clip, step, schedule."""
+    module = make_module(setup, dm.vocab_size).to(device)
+    model = module.model.train()
+
+    class FakeTrainer:
+        estimated_stepping_batches = warmup + steps
+
+    module._trainer = FakeTrainer()
+    configured = module.configure_optimizers()
+    module._trainer = None
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    dtype = autocast_dtype(setup["precision"])
+    times = []
+    for i, (x, y) in enumerate(dm.train_dataloader()):
+        if i == warmup + steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+    return times[-1] - times[warmup - 1]
+
+
+def run_naive(setup, dm, device, steps: int, warmup: int) -> float:
+    from project.model import CausalSelfAttention
+
+    original = CausalSelfAttention.forward
+    CausalSelfAttention.forward = naive_attention_forward
+    try:
+        return run_plain(setup, dm, device, steps, warmup)
+    finally:
+        CausalSelfAttention.forward = original
+
+
+RUNNERS = {"lightning": run_lightning, "plain": run_plain, "naive": run_naive}
+
+
+def speed(args) -> None:
+    import lightning
+
+    lightning.pytorch.utilities.rank_zero.rank_zero_only.rank = 0
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    device = torch.device(args.device)
+    steps, warmup, repeats = (2, 1, 1) if args.quick else (args.steps, args.warmup, args.repeats)
+    results: dict[tuple[str, str], list[float]] = {}
+    memory: dict[tuple[str, str], list[float]] = {}
+    setups = {name: load_setup(name, args) for name in args.configs}
+    datamodules = {name: make_datamodule(setups[name], args) for name in args.configs}
+    for r in range(repeats):
+        for name in args.configs:
+            setup, dm = setups[name], datamodules[name]
+            tokens = steps * dm.batch_size * dm.block_size
+            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]  # interleaved, alternating order
+            for variant in order:
+                with PeakMemory(device) as mem:
+                    seconds = RUNNERS[variant](setup, dm, device, steps, warmup)
+                results.setdefault((name, variant), []).append(tokens / seconds)
+                memory.setdefault((name, variant), []).append(mem.peak_mib)
+                print(f"repeat {r} {name:6s} {variant:9s} {tokens / seconds:9.0f} tokens/s  "
+                      f"peak +{mem.peak_mib:.0f} MiB", file=sys.stderr, flush=True)
+    print(f"\ndevice {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{steps} timed steps after {warmup} warmup, median of {repeats} interleaved repeats\n")
+    print("| config | path | tokens/s (median) | vs plain loop | peak memory (MiB) |")
+    print("|---|---|---:|---:|---:|")
+    for name in args.configs:
+        plain = statistics.median(results[(name, "plain")])
+        for variant in VARIANTS:
+            tps = statistics.median(results[(name, variant)])
+            print(f"| {name} | {variant} | {tps:,.0f} | {tps / plain:.3f} | "
+                  f"{statistics.median(memory[(name, variant)]):,.0f} |")
+    for name in args.configs:
+        lit, plain, naive = (statistics.median(results[(name, v)]) for v in VARIANTS)
+        print(f"\n{name}: Lightning overhead {100 * (plain / lit - 1):+.1f}% vs the plain loop; "
+              f"scaled_dot_product_attention is {plain / naive:.2f}x the naive attention's speed")
+
+
+def last_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def quality_command(arch: str, optimizer: str, args, save_dir: Path) -> list[str]:
+    command = [sys.executable, "-m", "project", "fit", "--config", str(CONFIGS[arch]),
+               "--model.optimizer", optimizer, "--trainer.logger.init_args.save_dir", str(save_dir),
+               "--trainer.logger.init_args.name", f"{arch}-{optimizer}", "--trainer.logger.init_args.version", "0",
+               "--data.data_dir", args.data_dir]
+    if args.data_path:
+        command += ["--data.path", args.data_path]
+    if args.quick:
+        command += ["--model.config.n_layer", "1", "--model.config.n_embd", "48", "--model.config.block_size", "32",
+                    "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches",
+                    "2", "--trainer.log_every_n_steps", "1", "--samples.max_new_tokens", "5"]
+    else:
+        minutes = args.budget_minutes
+        command += ["--trainer.max_time", f"00:00:{int(minutes):02d}:{round(60 * (minutes % 1)):02d}"]
+    return command
+
+
+def quality(args) -> None:
+    save_dir = Path(args.save_dir).resolve()
+    rows = []
+    for arch in args.configs:
+        for optimizer in ("adamw", "muon"):
+            command = quality_command(arch, optimizer, args, save_dir)
+            print("$ " + " ".join(command[1:]), file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                                    env={**os.environ, "PYTHONPATH": str(REPO)})
+            minutes = (time.perf_counter() - start) / 60
+            if result.returncode != 0:
+                print(result.stderr[-3000:], file=sys.stderr)
+                rows.append(f"| {arch} | {optimizer} | failed (exit {result.returncode}) | | | | |")
+                continue
+            logged = last_scalars(save_dir / f"{arch}-{optimizer}" / "version_0")
+            bpb = logged.get("val/bpb", [(0, float("nan"))])
+            tps = [v for _, v in logged.get("train/device/items_per_sec", [])]
+            steps = max((s for _, s in [(0, 0)] + [(v, s) for s, v in logged.get("train/loss", [])]), default=0)
+            rows.append(f"| {arch} | {optimizer} | {bpb[-1][1]:.4f} (step {bpb[-1][0]}) | {min(v for _, v in bpb):.4f} "
+                        f"| {steps} | {statistics.median(tps) if tps else float('nan'):,.0f} | {minutes:.1f} |")
+    budget = "quick" if args.quick else f"{args.budget_minutes:g} min"
+    print(f"\nquality, budget {budget} per run (TensorBoard logs in {save_dir})\n")
+    print("| architecture | optimizer | final val/bpb | best val/bpb | steps | train tokens/s | wall min |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (the median is reported)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-path", default=str(SHARED / "tinyshakespeare" / "input.txt")
+                        if (SHARED / "tinyshakespeare" / "input.txt").is_file() else None)
+    parser.add_argument("--data-dir", default=str(REPO / "data"))
+    parser.add_argument("--quick", action="store_true", help="tiny model and a few steps: checks the plumbing")
+    parser.add_argument("--quality", action="store_true", help="architecture x optimizer val/bpb under a budget")
+    parser.add_argument("--budget-minutes", type=float, default=10.0, help="--quality: wall-clock per run")
+    parser.add_argument("--save-dir", default=str(REPO / "runs" / "quality"), help="--quality: TensorBoard logs")
+    args = parser.parse_args(argv)
+    quality(args) if args.quality else speed(args)
+
+
+if __name__ == "__main__":
+    main()

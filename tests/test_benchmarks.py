@@ -1,0 +1,31 @@
+"""benchmarks/train.py runs end to end (--quick: a tiny model, a few steps; no timing assertions)."""
+
+import os
+import subprocess
+import sys
+
+from conftest import REPO, SHAKESPEARE
+
+
+def run_benchmark(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--quick", "--data-path",
+                           str(SHAKESPEARE), "--data-dir", str(cwd / "data"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_speed_table_has_every_config_and_path(tmp_path, shakespeare_path):
+    result = run_benchmark(cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for config in ("gpt2", "llama"):
+        for path in ("lightning", "plain", "naive"):
+            assert f"| {config} | {path} |" in result.stdout, result.stdout
+        assert f"{config}: Lightning overhead" in result.stdout
+
+
+def test_quality_table_has_every_architecture_and_optimizer(tmp_path, shakespeare_path):
+    result = run_benchmark("--quality", "--save-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for arch in ("gpt2", "llama"):
+        for optimizer in ("adamw", "muon"):
+            row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {arch} | {optimizer} |"))
+            assert "failed" not in row and "nan" not in row, row

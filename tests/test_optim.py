@@ -1,0 +1,144 @@
+"""Optimizer choice (AdamW or Muon + AdamW) and the throughput/MFU monitor."""
+
+import copy
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from project.callbacks import measure_matmul_flops
+from project.model import GPTConfig
+from project.module import CombinedOptimizer, GPTModule
+
+LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=1, tie_embeddings=False)
+
+
+def tiny_module(optimizer: str, **config) -> GPTModule:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, **config)
+    return GPTModule(cfg, optimizer=optimizer, learning_rate=3e-3, warmup_steps=2, muon_lr=0.02)
+
+
+class FakeTrainer:
+    estimated_stepping_batches = 20
+
+
+def batches(n: int = 64) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    start = torch.randint(0, 32, (n, 1), generator=g)
+    seq = (start + torch.arange(17)) % 32  # counting mod 32: learnable in a few steps
+    return TensorDataset(seq[:, :-1], seq[:, 1:])
+
+
+@pytest.mark.parametrize("config", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_muon_takes_block_matrices_and_adamw_the_rest(config):
+    module = tiny_module("muon", **config)
+    groups = module.param_groups()
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    muon = {names[id(p)] for p in groups["muon"]}
+    expected = {n for n, p in module.model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert muon == expected and all(p.dim() == 2 for p in groups["muon"])
+    assert any(n.endswith("attn.q_proj.weight") for n in muon) and any(n.endswith("mlp.proj.weight") for n in muon)
+    adamw = {names[id(p)] for g in ("decay", "no_decay") for p in groups[g]}
+    assert "wte.weight" in adamw and not any(n.startswith("blocks.") and n in muon for n in adamw)
+    if not config.get("tie_embeddings", True):
+        assert "lm_head.weight" in adamw
+    everything = [id(p) for g in groups.values() for p in g]
+    assert len(everything) == len(set(everything)) == len(list(module.model.parameters()))  # none missing or twice
+    module._trainer = FakeTrainer()
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, CombinedOptimizer)
+    assert [g["name"] for g in optimizer.param_groups] == ["muon", "decay", "no_decay"]
+    assert isinstance(optimizer.optimizers[0], torch.optim.Muon)
+
+
+def test_adamw_is_the_default_and_has_no_muon_group():
+    module = tiny_module("adamw")
+    assert "muon" not in module.param_groups()
+    module._trainer = FakeTrainer()
+    assert isinstance(module.configure_optimizers()["optimizer"], torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("config", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_a_few_steps_lower_the_loss(optimizer, config):
+    module = tiny_module(optimizer, **config)
+    module._trainer = FakeTrainer()
+    configured = module.configure_optimizers()
+    opt, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    x, y = batches(16).tensors
+    losses = []
+    for _ in range(15):
+        loss = module.loss(module(x), y)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        scheduler.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+class Record(Callback):
+    def __init__(self):
+        self.lrs, self.restored = [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    def on_train_start(self, trainer, pl_module):
+        self.restored = copy.deepcopy(trainer.optimizers[0].state_dict())  # the live tensors change in place
+
+
+def fit(module, tmp_path, max_steps, ckpt_path=None):
+    record = Record()
+    trainer = Trainer(max_steps=max_steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
+                      default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(batches(), batch_size=8), ckpt_path=ckpt_path)
+    return trainer, record
+
+
+def test_schedule_scales_both_optimizers_and_checkpoints_restore_both_states(tmp_path):
+    module = tiny_module("muon", **LLAMA)
+    trainer, record = fit(module, tmp_path, max_steps=6)
+    lrs = torch.tensor(record.lrs)  # (steps, groups): muon, decay, no_decay
+    peaks = torch.tensor([0.02, 3e-3, 3e-3])
+    ratios = lrs / peaks
+    assert torch.allclose(ratios, ratios[:, :1].expand_as(ratios))  # one multiplier for every group
+    assert ratios[0, 0] < ratios[2, 0] and ratios[2, 0] > ratios[-1, 0]  # warmup then decay
+    ckpt = tmp_path / "muon.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["optimizer_states"][0]["optimizers"]
+    assert len(saved) == 2
+    muon_state, adamw_state = (next(iter(s["state"].values())) for s in saved)
+    assert "momentum_buffer" in muon_state and "exp_avg" in adamw_state
+
+    resumed = tiny_module("muon", **LLAMA)
+    _, record = fit(resumed, tmp_path, max_steps=8, ckpt_path=ckpt)
+    for before, after in zip(saved, record.restored["optimizers"], strict=True):
+        assert before["state"].keys() == after["state"].keys()
+        for key, state in before["state"].items():
+            for name, value in state.items():
+                torch.testing.assert_close(after["state"][key][name], value)
+        assert [g["lr"] for g in before["param_groups"]] == [g["lr"] for g in after["param_groups"]]
+    assert record.lrs[0] != [0.02, 3e-3, 3e-3] and math.isclose(record.lrs[0][0] / 0.02, record.lrs[0][1] / 3e-3)
+
+
+def test_cpu_matmul_peak_is_measured_quickly():
+    import time
+
+    start = time.perf_counter()
+    flops = measure_matmul_flops(torch.float32, size=256)
+    assert flops > 1e8 and time.perf_counter() - start < 2
+
+
+def test_fit_logs_tokens_per_second_and_mfu(trained_run):
+    from test_cli import scalars
+
+    logged = scalars(trained_run["run_dir"])
+    assert "train/device/items_per_sec" in logged
+    assert "train/device/mfu" in logged, sorted(logged)
+    assert all(0 < v < 1.5 for v in logged["train/device/mfu"])
