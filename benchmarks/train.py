@@ -285,7 +285,7 @@ def quality(args) -> None:
             tps = [v for _, v in logged.get("train/device/items_per_sec", [])]
             steps = max((s for _, s in [(0, 0)] + [(v, s) for s, v in logged.get("train/loss", [])]), default=0)
             rows.append(f"| {arch} | {optimizer} | {bpb[-1][1]:.4f} (step {bpb[-1][0]}) | {min(v for _, v in bpb):.4f} "
-                        f"| {steps} | {statistics.median(tps) if tps else float('nan'):,.0f} | {minutes:.1f} |")
+                        f"| {steps} | {f'{statistics.median(tps):,.0f}' if tps else 'n/a'} | {minutes:.1f} |")
     budget = "quick" if args.quick else f"{args.budget_minutes:g} min"
     print(f"\nquality, budget {budget} per run (TensorBoard logs in {save_dir})\n")
     print("| architecture | optimizer | final val/bpb | best val/bpb | steps | train tokens/s | wall min |")

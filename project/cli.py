@@ -199,8 +199,10 @@ def generate_command(
     loaded = load_model(ckpt_path, device=device)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                   top_p=top_p, seed=seed, stop=stop or [])
-    sys.stdout.write(prompt)
-    for piece in stream_text(loaded.model, loaded.tokenizer, prompt, settings):
+    pieces = stream_text(loaded.model, loaded.tokenizer, prompt, settings)
+    first = next(pieces, "")  # checks the prompt and settings before anything is printed
+    sys.stdout.write(prompt + first)
+    for piece in pieces:
         sys.stdout.write(piece)
         if stream:
             sys.stdout.flush()

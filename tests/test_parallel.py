@@ -189,7 +189,8 @@ def test_tensor_parallel_ranks_read_the_same_training_batches(data_dir):
     def first_batch(global_rank: int, sampler_kwargs: dict | None) -> torch.Tensor:
         dm = TextDataModule(data_dir=str(data_dir), tokenizer="char", block_size=8, batch_size=2)
         strategy = SimpleNamespace(distributed_sampler_kwargs=sampler_kwargs) if sampler_kwargs else SimpleNamespace()
-        dm.trainer = SimpleNamespace(global_rank=global_rank, strategy=strategy, state=SimpleNamespace(fn="fit"))
+        dm.trainer = SimpleNamespace(global_rank=global_rank, strategy=strategy, state=SimpleNamespace(fn="fit"),
+                                     global_step=0, accumulate_grad_batches=1)
         return next(iter(dm.train_dataloader()))[0]
 
     tp_group = {"num_replicas": 1, "rank": 0}  # ModelParallelStrategy, dp=1 x tp=2: both ranks are dp rank 0
