@@ -176,8 +176,11 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, T_cache, D), T_cache = last position + 1
             gqa = q.size(1) != k.size(1)
             k, v = k.to(q.dtype), v.to(q.dtype)
-            if T == 1:  # one new token sees every cached position: no mask to build
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            if T == 1:  # one new token sees every cached position: no mask; explicit matmuls, as SDPA's CPU
+                # flash kernel is slow for a single query. Query heads grouped per kv head: (B, Hkv, H/Hkv, D)
+                qg = q.view(B, k.size(1), -1, self.head_dim)
+                att = (qg @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(self.head_dim)).softmax(dim=-1)
+                y = (att @ v).view(B, -1, 1, self.head_dim)
             elif T == k.size(2):  # prefill from position 0 (input_pos ascending): plain causal
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             else:
