@@ -3,7 +3,7 @@
 All three run greedy decoding on the same random GPT-2-style weights (copied into a transformers GPT2 model
 here; nothing comes from the hub), in one process, with interleaved repeats; the table reports medians.
 
-    python benchmarks/generate.py            # 6 layers x 6 heads x 384, block 512, vocab 50257, 256 + 256 tokens
+    python benchmarks/generate.py            # 6 layers x 6 heads x 192 (the default config), block 512, 256 + 256 tokens
     python benchmarks/generate.py --quick    # a small smoke run (seconds)
 
 Tokens/s counts new tokens only (batch * max_new_tokens / wall time), prefill included.
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from project.generate import generate  # noqa: E402
+from project.hf import to_hf_model  # noqa: E402 (the same weight mapping as `export`)
 from project.model import GPT, GPTConfig  # noqa: E402
 
 
@@ -38,46 +39,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def to_hf(model: GPT):
-    """A transformers GPT2LMHeadModel with exactly our (GPT-2-style) weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = model.config
-    if cfg.positions != "learned" or cfg.norm != "layernorm" or cfg.mlp != "gelu" or cfg.kv_heads != cfg.n_head:
-        raise ValueError("only the GPT-2 recipe maps onto GPT2LMHeadModel")
-    hf_cfg = GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, n_inner=cfg.hidden_dim,
-        activation_function="gelu_new" if cfg.gelu_approximate == "tanh" else "gelu",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    hf = GPT2LMHeadModel(hf_cfg).eval()
-    t = hf.transformer
-    with torch.no_grad():
-        t.wte.weight.copy_(model.wte.weight)
-        t.wpe.weight.copy_(model.wpe.weight)
-        for ours, theirs in zip(model.blocks, t.h):
-            a = ours.attn
-            # Conv1D stores (in, out); nn.Linear stores (out, in)
-            theirs.attn.c_attn.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).T)
-            theirs.attn.c_attn.bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
-            theirs.attn.c_proj.weight.copy_(a.proj.weight.T)
-            theirs.attn.c_proj.bias.copy_(a.proj.bias)
-            theirs.mlp.c_fc.weight.copy_(ours.mlp.fc.weight.T)
-            theirs.mlp.c_fc.bias.copy_(ours.mlp.fc.bias)
-            theirs.mlp.c_proj.weight.copy_(ours.mlp.proj.weight.T)
-            theirs.mlp.c_proj.bias.copy_(ours.mlp.proj.bias)
-            for mine, hf_norm in ((ours.norm1, theirs.ln_1), (ours.norm2, theirs.ln_2)):
-                hf_norm.weight.copy_(mine.weight)
-                hf_norm.bias.copy_(mine.bias)
-        t.ln_f.weight.copy_(model.norm.weight)
-        t.ln_f.bias.copy_(model.norm.bias)
-        if not cfg.tie_embeddings:
-            hf.lm_head.weight.copy_(model.lm_head.weight)
-    return hf
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="batch sizes for the no-cache path (default: all; it is O(T^2) per token)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out transformers")
+    parser.add_argument("--n-layer", type=int, default=6)
+    parser.add_argument("--n-head", type=int, default=6)
+    parser.add_argument("--n-embd", type=int, default=192)
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -101,13 +65,15 @@ def main(argv: list[str] | None = None) -> None:
         config = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=32)
         prompt_len, new_tokens, repeats = args.prompt_len or 16, args.new_tokens or 16, args.repeats or 1
     else:
-        config = GPTConfig(vocab_size=50257, block_size=512, n_layer=6, n_head=6, n_embd=384)
+        # the default config's model (configs/shakespeare.yaml) with a 512-token context
+        config = GPTConfig(vocab_size=50257, block_size=512, n_layer=args.n_layer, n_head=args.n_head,
+                           n_embd=args.n_embd)
         prompt_len, new_tokens, repeats = args.prompt_len or 256, args.new_tokens or 256, args.repeats or 5
     nocache_repeats = args.nocache_repeats or min(repeats, 3)
     nocache_batches = set(args.nocache_batch_sizes or args.batch_sizes)
     torch.manual_seed(0)
     model = GPT(config).eval()
-    hf = None if args.skip_hf else to_hf(model)
+    hf = None if args.skip_hf else to_hf_model(model)
 
     prompts = {b: torch.randint(0, config.vocab_size, (b, prompt_len)) for b in args.batch_sizes}
     if hf is not None:  # the copied weights give the same logits
