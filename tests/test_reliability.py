@@ -200,3 +200,25 @@ def test_bad_input_fails_with_one_line_error(case, trained_run, data_dir, tmp_pa
     assert "Traceback" not in err
     after = file_hashes(tmp_path)
     assert {p: h for p, h in after.items() if p in before} == before  # nothing overwritten
+
+
+def test_compiled_model_checkpoints_load_into_an_uncompiled_model(trained_run):
+    """`model.compile: true` compiles in place: checkpoint keys carry no `_orig_mod.` prefix, and a prefixed
+    state dict (from code that wrapped the model with torch.compile) still loads."""
+    from project.checkpoint import load_checkpoint, model_state_dict
+    from project.model import GPTConfig
+    from project.module import GPTModule
+
+    config = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    compiled, plain = GPTModule(config, compile=True), GPTModule(config)
+    compiled.configure_model()
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+
+    checkpoint = torch.load(trained_run["ckpt"], weights_only=True)
+    wrapped = {k.replace("model.", "model._orig_mod.", 1): v for k, v in checkpoint["state_dict"].items()}
+    assert model_state_dict({"state_dict": wrapped}).keys() == model_state_dict(checkpoint).keys()
+    idx = torch.randint(0, 65, (1, 16))
+    reference = load_checkpoint(trained_run["ckpt"]).model
+    restored = plain.model.eval()
+    restored.load_state_dict(model_state_dict({"state_dict": wrapped}))
+    torch.testing.assert_close(restored(idx), reference(idx))
