@@ -31,6 +31,10 @@ from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 
 GPT2_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}  # ours -> transformers, bit-identical ops
 GPT2_ACTIVATIONS_IN = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+# our block's submodule names -> LlamaDecoderLayer's (used in both directions)
+LLAMA_NAMES = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q_proj": "self_attn.q_proj",
+               "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj", "attn.proj": "self_attn.o_proj",
+               "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
 CONFIG_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "kv_heads", "bias", "positions", "rope_base", "norm",
                  "norm_eps", "mlp", "hidden_dim", "gelu_approximate", "tie_embeddings")
 
@@ -164,11 +168,8 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
         out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
     else:
         out["model.embed_tokens.weight"] = sd["wte.weight"]
-        names = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q_proj": "self_attn.q_proj",
-                 "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj", "attn.proj": "self_attn.o_proj",
-                 "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
         for i in range(cfg.n_layer):
-            for ours, theirs in names.items():
+            for ours, theirs in LLAMA_NAMES.items():
                 for kind in ("weight", "bias"):
                     if f"blocks.{i}.{ours}.{kind}" in sd:
                         out[f"model.layers.{i}.{theirs}.{kind}"] = sd[f"blocks.{i}.{ours}.{kind}"]
@@ -200,11 +201,8 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dic
         out["norm.weight"], out["norm.bias"] = state["ln_f.weight"], state["ln_f.bias"]
     else:
         out["wte.weight"] = state["model.embed_tokens.weight"]
-        names = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q_proj": "self_attn.q_proj",
-                 "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj", "attn.proj": "self_attn.o_proj",
-                 "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
         for i in range(config.n_layer):
-            for ours, theirs in names.items():
+            for ours, theirs in LLAMA_NAMES.items():
                 for kind in ("weight", "bias"):
                     if f"model.layers.{i}.{theirs}.{kind}" in state:
                         out[f"blocks.{i}.{ours}.{kind}"] = state[f"model.layers.{i}.{theirs}.{kind}"]
