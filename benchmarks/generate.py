@@ -2,6 +2,7 @@
 
 All three run greedy decoding on the same random GPT-2-style weights (copied into a transformers GPT2 model
 here; nothing comes from the hub), in one process, with interleaved repeats; the table reports medians.
+Two more rows sample as the CLI does by default (temperature 0.8, top-k 200), ours with the KV cache and HF's.
 
     python benchmarks/generate.py            # 6 layers x 6 heads x 192 (the default config), block 512, 256 + 256 tokens
     python benchmarks/generate.py --quick    # a small smoke run (seconds)
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="batch sizes for the no-cache path (default: all; it is O(T^2) per token)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out transformers")
+    parser.add_argument("--skip-sampling", action="store_true", help="greedy rows only (no top-k rows)")
     parser.add_argument("--n-layer", type=int, default=6)
     parser.add_argument("--n-head", type=int, default=6)
     parser.add_argument("--n-embd", type=int, default=192)
@@ -82,19 +84,31 @@ def main(argv: list[str] | None = None) -> None:
             diff = (model(x) - hf(x).logits).abs().max().item()
         print(f"max |logits ours - HF| on the prompt: {diff:.2e}", flush=True)
 
-    def ours(use_kv_cache: bool):
+    def ours(use_kv_cache: bool, sample: bool = False):
         def run(idx):
+            if sample:
+                return generate(model, idx, new_tokens, temperature=0.8, top_k=200, seed=0)
             return generate(model, idx, new_tokens, temperature=0.0, use_kv_cache=use_kv_cache)
         return run
 
-    def hf_generate(idx):
-        with torch.inference_mode():
-            return hf.generate(input_ids=idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    def hf_generate(sample: bool = False):
+        sampling = {"do_sample": True, "temperature": 0.8, "top_k": 200} if sample else {"do_sample": False}
+        def run(idx):
+            with torch.inference_mode():
+                return hf.generate(input_ids=idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, use_cache=True, pad_token_id=0, **sampling)
+        return run
 
+    # greedy rows are compared with HF greedy; the sampled rows with HF sampled
     methods = {"ours, KV cache": ours(True), "ours, no cache": ours(False)}
+    baseline = {"ours, KV cache": "HF generate", "ours, no cache": "HF generate", "HF generate": "HF generate"}
     if hf is not None:
-        methods["HF generate"] = hf_generate
+        methods["HF generate"] = hf_generate()
+    if not args.skip_sampling:
+        methods["ours, KV, top-k"] = ours(True, sample=True)
+        baseline["ours, KV, top-k"] = baseline["HF, top-k"] = "HF, top-k"
+        if hf is not None:
+            methods["HF, top-k"] = hf_generate(sample=True)
     times: dict[tuple[str, int], list[float]] = {(m, b): [] for m in methods for b in args.batch_sizes}
     outputs: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -117,10 +131,12 @@ def main(argv: list[str] | None = None) -> None:
                 assert out.shape == (b, prompt_len + new_tokens), out.shape
 
     print(f"\nGeneration: {config.n_layer} layers x {config.n_head} heads x {config.n_embd}, block {config.block_size}, "
-          f"vocab {config.vocab_size}; prompt {prompt_len} + {new_tokens} new tokens, greedy")
+          f"vocab {config.vocab_size}; prompt {prompt_len} + {new_tokens} new tokens, greedy "
+          f"(top-k rows: temperature 0.8, top-k 200)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; "
           f"median of {repeats} (no cache: {nocache_repeats}) interleaved runs\n")
     header = f"| {'method':<16} | {'batch':>5} | {'median s':>9} | {'tokens/s':>9} | {'vs HF':>6} | {'vs no cache':>11} |"
+    greedy = ("ours, KV cache", "ours, no cache", "HF generate")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for b in args.batch_sizes:
@@ -129,11 +145,11 @@ def main(argv: list[str] | None = None) -> None:
             if m not in tps:
                 print(f"| {m:<16} | {b:>5} | {'-':>9} | {'-':>9} | {'-':>6} | {'-':>11} |")
                 continue
-            vs_hf = f"{tps[m] / tps['HF generate']:.2f}x" if "HF generate" in tps else "-"
-            vs_nc = f"{tps[m] / tps['ours, no cache']:.2f}x" if "ours, no cache" in tps else "-"
+            vs_hf = f"{tps[m] / tps[baseline[m]]:.2f}x" if baseline[m] in tps else "-"
+            vs_nc = f"{tps[m] / tps['ours, no cache']:.2f}x" if "ours, no cache" in tps and m in greedy else "-"
             print(f"| {m:<16} | {b:>5} | {statistics.median(times[m, b]):>9.3f} | {tps[m]:>9.1f} | {vs_hf:>6} | {vs_nc:>11} |")
     same = [f"{m} b{b}: {(outputs[m, b] == outputs['ours, KV cache', b]).float().mean().item():.0%}"
-            for m in methods if m != "ours, KV cache" for b in args.batch_sizes if (m, b) in outputs]
+            for m in greedy[1:] for b in args.batch_sizes if (m, b) in outputs]
     print("\ngreedy tokens equal to ours with KV cache: " + ", ".join(same))
 
 

@@ -254,6 +254,7 @@ class GPT(nn.Module):
             cos, sin = rope_cache(config)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        self.decode_head: torch.Tensor | None = None  # inference-only copy of the head, see prepare_decode_head
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -296,7 +297,10 @@ class GPT(nn.Module):
             x = block(x, rope, input_pos)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
+        if self.decode_head is not None:
+            return x @ self.decode_head  # (B, T, C) @ (C, V): the same logits, read in a faster layout
+        return self.lm_head(x)  # (B, T, V)
 
     # --- inference helpers -------------------------------------------------------------------------
 
@@ -309,11 +313,24 @@ class GPT(nn.Module):
                 batch_size, self.config.block_size, self.config.kv_heads, self.config.head_dim,
                 device=device or param.device, dtype=dtype or param.dtype,
             )
+        self.prepare_decode_head()
 
     def clear_kv_cache(self) -> None:
-        """Free the KV cache; the training path never uses it."""
+        """Free the KV cache (and the decode head); the training path never uses them."""
         for block in self.blocks:
             block.attn.kv_cache = None
+        self.decode_head = None
+
+    def prepare_decode_head(self) -> None:
+        """Keep a (C, V) contiguous copy of the head's (V, C) weight for token-by-token decoding on CPU.
+
+        Each decoded token reads the whole head (50257 x 768 floats for GPT-2), and CPU matrix-vector
+        kernels read the (C, V) layout about 3.7x faster than the weight's own (measured in
+        benchmarks/generate.py). GPUs need no copy. Weights must not change while it exists: it is made
+        by setup_kv_cache and freed by clear_kv_cache (generate does both).
+        """
+        weight = self.lm_head.weight
+        self.decode_head = weight.detach().t().contiguous() if weight.device.type == "cpu" else None
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:

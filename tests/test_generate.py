@@ -63,6 +63,9 @@ class ScriptedModel(nn.Module):
     def clear_kv_cache(self) -> None:
         self.cached = False
 
+    def prepare_decode_head(self) -> None:
+        pass  # the script has no head
+
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, **_) -> torch.Tensor:
         length = idx.size(1) if input_pos is None else int(input_pos[-1]) + 1
         step = length - self.prompt_len
@@ -175,6 +178,24 @@ def test_sample_next_respects_the_filters():
     assert set(ids.tolist()) == {3, 4}
     ids = sample_next(logits, 5.0, None, 1e-6, gen)
     assert set(ids.tolist()) == {3}
+
+
+def test_sample_next_draws_from_the_filtered_distribution():
+    # sample_next draws among the top-k candidates only; the law must still be softmax(filters(logits / T))
+    logits = torch.tensor([0.0, 2.0, 1.0, 3.0, 2.5, -1.0, 0.5, 1.5])
+    gen = torch.Generator().manual_seed(0)
+    n = 40_000
+    for top_k, top_p in [(4, None), (5, 0.7), (None, 0.8), (8, None)]:
+        expected = logits / 0.9
+        if top_k is not None:
+            expected = top_k_filter(expected, top_k)
+        if top_p is not None:
+            expected = top_p_filter(expected, top_p)
+        expected = expected.softmax(-1)
+        draws = sample_next(logits.expand(n, -1), 0.9, top_k, top_p, gen)
+        frequencies = torch.bincount(draws, minlength=logits.numel()).float() / n
+        assert set(draws.unique().tolist()) == set(expected.nonzero().flatten().tolist()), (top_k, top_p)
+        torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -406,8 +427,9 @@ def test_benchmark_quick_prints_the_table():
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "| method" in out and "tokens/s" in out
-    for name in ("ours, KV cache", "ours, no cache"):
+    for name in ("ours, KV cache", "ours, no cache", "ours, KV, top-k"):
         assert out.count(f"| {name}") == 2  # batch 1 and batch 8
     if "--skip-hf" not in args:
-        assert out.count("| HF generate") == 2
+        assert out.count("| HF generate") == 2 and out.count("| HF, top-k") == 2
+        assert "HF generate b1: 100%" in out  # greedy tokens agree with HF's
     assert math.isfinite(float(out.split("| ours, KV cache")[1].split("|")[3]))
