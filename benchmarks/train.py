@@ -236,8 +236,20 @@ def speed(args) -> None:
                   f"{statistics.median(memory[(name, variant)]):,.0f} |")
     for name in args.configs:
         lit, plain, naive = (statistics.median(results[(name, v)]) for v in VARIANTS)
+        loader = loader_tokens_per_second(datamodules[name], batches=50)
         print(f"\n{name}: Lightning overhead {100 * (plain / lit - 1):+.1f}% vs the plain loop; "
-              f"scaled_dot_product_attention is {plain / naive:.2f}x the naive attention's speed")
+              f"scaled_dot_product_attention is {plain / naive:.2f}x the naive attention's speed; "
+              f"the train loader alone yields {loader:,.0f} tokens/s, {loader / lit:,.0f}x what training consumes")
+
+
+def loader_tokens_per_second(dm, batches: int) -> float:
+    """Tokens/s of the training DataLoader by itself (its workers included): is data loading a bottleneck?"""
+    loader = iter(dm.train_dataloader())
+    next(loader)  # worker start-up is a one-off cost, not throughput
+    start = time.perf_counter()
+    for _ in range(batches):
+        x, _ = next(loader)
+    return batches * x.numel() / (time.perf_counter() - start)
 
 
 def last_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

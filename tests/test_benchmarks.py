@@ -20,6 +20,8 @@ def test_speed_table_has_every_config_and_path(tmp_path, shakespeare_path):
         for path in ("lightning", "plain", "naive"):
             assert f"| {config} | {path} |" in result.stdout, result.stdout
         assert f"{config}: Lightning overhead" in result.stdout
+        loader_speed = result.stdout.split(f"{config}: Lightning overhead")[1].split("yields ")[1].split(" tokens/s")[0]
+        assert float(loader_speed.replace(",", "")) > 0
 
 
 def test_quality_table_has_every_architecture_and_optimizer(tmp_path, shakespeare_path):
