@@ -4,6 +4,7 @@ page in a real headless Chromium."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import time
@@ -21,8 +22,6 @@ pytest.importorskip("matplotlib")
 from project.app import App, build_app, load_model, model_card, request_model, serve_command  # noqa: E402
 from project.generate import GenerationSettings, stream  # noqa: E402
 
-# a failed request also raises a Gradio warning toast; outside a request Gradio turns it into a UserWarning
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -86,7 +85,9 @@ def test_generate_streams_and_concatenates(handlers, loaded):
 ])
 def test_bad_generate_inputs_give_a_message(handlers, prompt, overrides, message):
     args = {**GEN_ARGS, "seed": 1, **overrides}
-    updates = list(handlers.generate(prompt, **args))  # no exception
+    # the message is also raised as a Gradio warning toast; outside a request Gradio issues it as a UserWarning
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        updates = list(handlers.generate(prompt, **args))  # no exception
     assert len(updates) == 1
     text, status = updates[0]
     assert status.startswith("error: ") and message in status, status
@@ -118,7 +119,8 @@ def test_attention_returns_figures_and_sorted_top10(handlers, loaded):
     ("ROMEO: " * 20, 0, 0, "context is 32"),
 ])
 def test_bad_attention_inputs_give_a_message(handlers, prompt, layer, head, message):
-    heatmap, bars, rows, status = handlers.attention(prompt, layer, head)
+    with pytest.warns(UserWarning, match=re.escape(message)):  # the toast, as above
+        heatmap, bars, rows, status = handlers.attention(prompt, layer, head)
     assert heatmap is None and bars is None and rows == []
     assert status.startswith("error: ") and message in status, status
 
