@@ -158,6 +158,7 @@ def run_plain(setup, dm, device, steps: int, warmup: int) -> float:
 
     class FakeTrainer:
         estimated_stepping_batches = warmup + steps
+        strategy = None  # a single device
 
     module._trainer = FakeTrainer()
     configured = module.configure_optimizers()

@@ -3,7 +3,8 @@
 Checkpoints are read with `torch.load(weights_only=True)`: only tensors and plain containers, never
 pickled code. Used by `generate`, `export`, `serve` and the notebooks. Distributed (DCP) checkpoint folders
 written under ModelParallelStrategy (configs/strategy/tp.yaml) are read too, or consolidated once into a
-single .ckpt with `python -m project consolidate --ckpt_path DIR --out FILE.ckpt`.
+single .ckpt (optimizer state included, so training resumes on one device) with
+`python -m project consolidate --ckpt_path DIR --out FILE.ckpt`.
 """
 
 from __future__ import annotations
@@ -108,24 +109,50 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
 def consolidate_checkpoint(*, ckpt_path: str, out: str) -> None:
     """Turn a distributed (DCP) checkpoint folder into one single-device .ckpt file.
 
-    The file holds the full model weights, hyperparameters and tokenizer (no optimizer state), so
-    `predict --ckpt_path`, `generate` and `export` use it on one device; resume training from the folder.
+    The file holds everything the folder does, gathered into full tensors: weights, optimizer state,
+    LR schedule and loop state, hyperparameters and tokenizer. So `predict --ckpt_path`, `generate` and
+    `export` use it on one device, and `fit --ckpt_path FILE` resumes the training on one device.
 
     Args:
         ckpt_path: a checkpoint folder written under ModelParallelStrategy (configs/strategy/tp.yaml).
         out: the .ckpt file to write; an existing file is never overwritten.
     """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     if not is_distributed_checkpoint(ckpt_path):
         raise ValueError(f"{ckpt_path} is not a distributed checkpoint folder (with .metadata and meta.pt)")
     target = Path(out)
     if target.exists():
         raise FileExistsError(f"{target} exists; choose another --out or remove it")
-    checkpoint = read_distributed_checkpoint(ckpt_path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(target)
+    try:
+        dcp_to_torch_save(ckpt_path, tmp)  # every shard gathered: {"state_dict": ..., "optimizer_0": ...}
+        tensors = torch.load(tmp, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(Path(ckpt_path) / "meta.pt", map_location="cpu", weights_only=True)
+        checkpoint["state_dict"] = tensors.pop("state_dict")
+        n_optimizers = sum(key.startswith("optimizer_") for key in tensors)
+        checkpoint["optimizer_states"] = [optimizer_state_by_position(tensors[f"optimizer_{i}"])
+                                          for i in range(n_optimizers)]
+        torch.save(checkpoint, tmp)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"consolidated {ckpt_path} -> {target}")
+
+
+def optimizer_state_by_position(state: dict) -> dict:
+    """An optimizer state dict keyed by parameter names, as ModelParallelStrategy saves it, in torch's own
+    format (keyed by each parameter's position in the param groups), which `Optimizer.load_state_dict` reads."""
+    names = [name for group in state["param_groups"] for name in group["params"]]
+    position = {name: i for i, name in enumerate(names)}
+    groups = []
+    for group in state["param_groups"]:
+        # sharded runs turn fused/foreach kernels off; let the resumed single-device optimizer choose again
+        group = {k: v for k, v in group.items() if k not in ("fused", "foreach")}
+        group["params"] = [position[name] for name in group["params"]]
+        groups.append(group)
+    return {"state": {position[name]: value for name, value in state["state"].items()}, "param_groups": groups}
 
 
 def load_model(path: str | Path, device: str = "cpu") -> LoadedCheckpoint:

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
@@ -269,8 +270,9 @@ class GPTModule(LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused and not sharded,
                                       foreach=False if sharded else None)
         if "muon" in params:
-            if sharded:
-                raise ValueError("optimizer=muon needs whole weight matrices: use it without ModelParallelStrategy")
+            if sharded or isinstance(self.trainer.strategy, FSDPStrategy):
+                raise ValueError("optimizer=muon needs whole weight matrices, which sharded strategies split: "
+                                 "pass --model.optimizer adamw")
             muon = torch.optim.Muon([{"params": params["muon"], "name": "muon"}], lr=hp.muon_lr,
                                     weight_decay=hp.muon_weight_decay, momentum=hp.muon_momentum)
             optimizer = CombinedOptimizer([muon, optimizer])

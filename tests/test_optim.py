@@ -23,6 +23,7 @@ def tiny_module(optimizer: str, **config) -> GPTModule:
 
 class FakeTrainer:
     estimated_stepping_batches = 20
+    strategy = None  # a single device
 
 
 def batches(n: int = 64) -> TensorDataset:
@@ -52,6 +53,16 @@ def test_muon_takes_block_matrices_and_adamw_the_rest(config):
     assert isinstance(optimizer, CombinedOptimizer)
     assert [g["name"] for g in optimizer.param_groups] == ["muon", "decay", "no_decay"]
     assert isinstance(optimizer.optimizers[0], torch.optim.Muon)
+
+
+def test_muon_refuses_sharded_strategies_with_the_fix():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module = tiny_module("muon")
+    module._trainer = FakeTrainer()
+    module._trainer.strategy = FSDPStrategy()  # FSDP1 flattens and shards the weight matrices
+    with pytest.raises(ValueError, match="--model.optimizer adamw"):
+        module.configure_optimizers()
 
 
 def test_adamw_is_the_default_and_has_no_muon_group():

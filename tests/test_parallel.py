@@ -150,13 +150,17 @@ def test_ddp_fit_two_cpu_processes_with_fewer_val_windows_than_ranks(tmp_path, s
     assert loaded.global_step == 4 and "val/loss" in loaded.metrics
 
 
-def test_tensor_parallel_fit_then_consolidate(tmp_path, data_dir):
-    """ModelParallelStrategy (tp=2) through the CLI -> DCP folder -> consolidate -> a single-device checkpoint."""
+@pytest.mark.parametrize("data_parallel, tensor_parallel", [(1, 2), (2, 1)], ids=["tensor-parallel", "fsdp2"])
+def test_model_parallel_fit_then_consolidate(tmp_path, data_dir, data_parallel, tensor_parallel):
+    """ModelParallelStrategy through the CLI, as tensor parallel (tp=2) and as pure FSDP2 (dp=2): a DCP folder
+    -> consolidate -> a single-device checkpoint with identical logits."""
     common = ["--config", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(data_dir)]
     result = run_cli(
         "fit", *common, "--config", str(REPO / "configs" / "strategy" / "tp.yaml"), "--trainer.accelerator", "cpu",
-        "--trainer.devices", "2", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
-        "--trainer.limit_val_batches", "2", "--samples.max_new_tokens", "0", cwd=tmp_path, timeout=240,
+        "--trainer.devices", "2", "--trainer.strategy.data_parallel_size", str(data_parallel),
+        "--trainer.strategy.tensor_parallel_size", str(tensor_parallel), "--trainer.max_steps", "4",
+        "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2", "--samples.max_new_tokens", "0",
+        cwd=tmp_path, timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "runs" / "gpt" / "version_0" / "checkpoints" / "last.ckpt"
@@ -178,6 +182,21 @@ def test_tensor_parallel_fit_then_consolidate(tmp_path, data_dir):
     assert module.tokenizer is not None
     with torch.no_grad():
         torch.testing.assert_close(module.model(x), b.model(x), atol=0, rtol=0)
+
+    # ... and it carries the optimizer state, so training resumes on one device from step 4
+    state = torch.load(single, map_location="cpu", weights_only=True)["optimizer_states"][0]
+    params = dict(module.named_parameters())
+    names = [name for name in params if name != "model.lm_head.weight"]  # tied to wte: one parameter
+    assert sorted(state["state"]) == list(range(len(names)))
+    assert all(int(s["step"]) == 4 for s in state["state"].values())
+    shapes = sorted(tuple(s["exp_avg"].shape) for s in state["state"].values())
+    assert shapes == sorted(tuple(params[n].shape) for n in names)
+    result = run_cli("fit", *common, "--ckpt_path", str(single), "--trainer.max_steps", "6",
+                     "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
+                     "--samples.max_new_tokens", "0", cwd=tmp_path, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = load_checkpoint(tmp_path / "runs" / "gpt" / "version_1" / "checkpoints" / "last.ckpt")
+    assert resumed.global_step == 6
 
 
 def test_tensor_parallel_ranks_read_the_same_training_batches(data_dir):
