@@ -23,6 +23,7 @@ from project.data import TextDataModule
 from project.hf import export_command
 from project.app import serve_command  # imports gradio only when the app is built
 from project.module import VAL_LOSS, GPTModule
+from project.streaming import prepare_corpus  # imports litdata only when it runs
 
 # errors that carry a message meant for the user: printed as one line, exit status 1
 USER_ERRORS = (ValueError, ConnectionError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
@@ -215,6 +216,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "export": export_command,  # checkpoint -> Hugging Face transformers directory (project/hf.py)
     "consolidate": consolidate_checkpoint,  # DCP folder (ModelParallelStrategy) -> single .ckpt
     "serve": serve_command,  # Gradio app: generate with streaming, attention view (project/app.py)
+    "prepare": prepare_corpus,  # folder of .txt/.parquet -> litdata token chunks for --data.streaming_dir
 }
 
 

@@ -4,6 +4,9 @@
       -> tokenizer (GPT-2 BPE or characters), once, 90/10 split by characters
       -> <data_dir>/<corpus>-<tokenizer>-<hash>/{train,val}.bin (numpy memmap) + meta.json
       -> train: endless seeded random windows, a distinct stream per rank; val: fixed windows
+
+Corpora bigger than RAM: `python -m project prepare` (project/streaming.py) writes litdata chunks, and
+`streaming_dir` streams them instead of the single file.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from project import streaming
 from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_state
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -143,6 +147,8 @@ class TextDataModule(LightningDataModule):
         num_workers: DataLoader worker processes for the training stream.
         seed: seed of the training stream.
         prompts: prompts that `predict` completes.
+        streaming_dir: a folder (or s3://... prefix) written by `python -m project prepare`: train and val
+            stream from its litdata chunks instead of `path`, and the tokenizer comes from its meta.json.
     """
 
     def __init__(
@@ -158,6 +164,7 @@ class TextDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 1337,
         prompts: list[str] | None = None,
+        streaming_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
@@ -170,6 +177,7 @@ class TextDataModule(LightningDataModule):
         self.val_fraction, self.max_val_windows = val_fraction, max_val_windows
         self.num_workers, self.seed = num_workers, seed
         self.prompts = prompts if prompts is not None else ["\n"]
+        self.streaming_dir = streaming_dir
         self._tokenizer: Tokenizer | None = None
         self.meta: dict | None = None
         self.start_batch = 0  # set from the trainer's step count, so a resumed stream continues where it stopped
@@ -197,6 +205,8 @@ class TextDataModule(LightningDataModule):
         """Tokenize the corpus once into train.bin / val.bin (uint16 or uint32) plus meta.json."""
         if self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING:
             return  # predicting completes prompts: no corpus needed
+        if self.streaming_dir:
+            return  # prepared beforehand by `python -m project prepare`
         self.ensure_corpus()
         out = self.cache_dir
         if (out / "meta.json").exists():
@@ -223,6 +233,8 @@ class TextDataModule(LightningDataModule):
         atomic_write_bytes(out / "meta.json", json.dumps(meta, indent=2).encode())
 
     def load_meta(self) -> dict:
+        if self.meta is None and self.streaming_dir:
+            self.meta = streaming.read_meta(self.streaming_dir)
         if self.meta is None:
             self.prepare_data()  # no-op when cached; needed when the vocabulary is asked for before fit
             self.meta = json.loads((self.cache_dir / "meta.json").read_text())
@@ -231,7 +243,9 @@ class TextDataModule(LightningDataModule):
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            if self.tokenizer_name == "char" and self.vocabulary:
+            if self.streaming_dir:  # the tokenizer the folder was prepared with, whatever `tokenizer` says
+                self._tokenizer = tokenizer_from_state(self.load_meta()["tokenizer"])
+            elif self.tokenizer_name == "char" and self.vocabulary:
                 self._tokenizer = CharTokenizer(self.vocabulary)
             elif self.tokenizer_name == "char":
                 self._tokenizer = tokenizer_from_state(self.load_meta()["tokenizer"])
@@ -256,11 +270,25 @@ class TextDataModule(LightningDataModule):
         if stage in ("fit", "validate", "test"):
             self.load_meta()
 
+    def data_parallel_rank(self) -> tuple[int, int]:
+        """(data-parallel ranks, this one's): the ranks of one tensor-parallel group must read the same batches."""
+        if self.trainer is None:
+            return 1, 0
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return kwargs.get("num_replicas", getattr(self.trainer, "world_size", 1)), kwargs.get("rank", self.trainer.global_rank)
+
     def train_dataloader(self) -> DataLoader:
         meta = self.load_meta()
-        rank = self.trainer.global_rank if self.trainer else 0
-        # the data-parallel rank: the ranks of one tensor-parallel group must read the same batches
-        rank = (getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("rank", rank) if self.trainer else 0
+        replicas, rank = self.data_parallel_rank()
+        if self.streaming_dir:
+            # litdata shards the chunks over ranks and workers; Lightning checkpoints and restores its loader
+            if self.trainer is None:
+                return streaming.train_loader(self.streaming_dir, block_size=self.block_size,
+                                              batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers)
+            trainer, start = self.trainer, self.trainer.global_step * self.trainer.accumulate_grad_batches
+            return streaming.train_loader(self.streaming_dir, block_size=self.block_size, batch_size=self.batch_size,
+                                          seed=self.seed, num_workers=self.num_workers, replicas=(replicas, rank),
+                                          consumed=lambda: trainer.global_step * trainer.accumulate_grad_batches - start)
         if self.trainer is not None:
             # resuming: continue the stream after the batches the restored steps consumed. Derived from the
             # step count (restored before the loader is built), not from batches yielded, which DataLoader
@@ -275,7 +303,10 @@ class TextDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         meta = self.load_meta()
-        windows = ValWindows(self.cache_dir / "val.bin", meta["dtype"], self.block_size, self.max_val_windows)
+        if self.streaming_dir:
+            windows = streaming.StreamingValWindows(self.streaming_dir, self.block_size, self.max_val_windows)
+        else:
+            windows = ValWindows(self.cache_dir / "val.bin", meta["dtype"], self.block_size, self.max_val_windows)
         return DataLoader(windows, batch_size=self.batch_size, shuffle=False, generator=torch.Generator().manual_seed(self.seed))
 
     def test_dataloader(self) -> DataLoader:

@@ -1,0 +1,425 @@
+"""Bigger corpora: a folder of text or parquet files -> litdata token chunks -> streamed training windows.
+
+    python -m project prepare --input_dir texts/ --output_dir tokens/      (tokens/ may be s3://bucket/prefix)
+      -> tokens/train/, tokens/val/: litdata chunks of token ids (TokensLoader), <|endoftext|> after each document
+      -> tokens/meta.json: tokenizer state, vocabulary size, per-split bytes and tokens (written last)
+    python -m project fit --config configs/shakespeare.yaml --data.streaming_dir tokens/
+      -> train: shuffled (block_size + 1)-token windows; litdata splits the chunks across ranks and workers
+      -> val: fixed, evenly spaced windows; Lightning's DistributedSampler gives every rank at least one
+
+Every document (a .txt file, or one row of a .parquet file's text column) keeps its head for training and its
+last `val_fraction` of characters for validation, so both splits cover the whole corpus.
+litdata is imported inside the functions: the single-file path of project/data.py never needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_state
+
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+INSTALL_HINT = ("litdata is not installed: pip install -e '.[data]' (litdata 0.2.44, the last release that does "
+                "not pull a torchvision, which breaks a CPU torch; see docs/scaling.md)")
+
+
+class LitdataMissingError(ImportError, ValueError):
+    """litdata is not installed. A ValueError too, so the CLI prints it as one `error:` line."""
+
+
+def import_litdata():
+    """The litdata module, or LitdataMissingError naming the install command."""
+    try:
+        import litdata
+        import litdata.helpers
+    except ImportError:
+        raise LitdataMissingError(INSTALL_HINT) from None
+    # litdata 0.2.44 (the pinned extra) asks PyPI for a newer release of itself whenever a dataset is built
+    # or optimized, with no switch to turn it off: no network calls from training jobs, offline clusters
+    # or tests. Later releases look up this same function, so the guard is harmless there.
+    if hasattr(litdata.helpers, "_get_newer_version"):
+        litdata.helpers._get_newer_version = lambda version: None
+    return litdata
+
+
+def is_url(path: str) -> bool:
+    """s3://, gs://, ... (litdata streams those); anything else is a local path."""
+    return "://" in path
+
+
+def join(root: str, name: str) -> str:
+    """root/name for a local folder or an object-store prefix."""
+    return f"{root.rstrip('/')}/{name}" if is_url(root) else str(Path(root) / name)
+
+
+# --- meta.json, local or on object storage ---------------------------------------------------------------
+
+def read_meta(streaming_dir: str) -> dict:
+    """meta.json of a prepared folder, or FileNotFoundError saying how to prepare one."""
+    path = join(streaming_dir, META_FILE)
+    hint = (f"streaming_dir {streaming_dir} has no {META_FILE} (missing, or `prepare` did not finish): run "
+            f"python -m project prepare --input_dir <folder of .txt/.parquet files> --output_dir {streaming_dir}")
+    if not is_url(streaming_dir):
+        if not Path(path).is_file():
+            raise FileNotFoundError(hint)
+        return json.loads(Path(path).read_text())
+    provider = _fs_provider(path)
+    if not provider.exists(path):
+        raise FileNotFoundError(hint)
+    with tempfile.TemporaryDirectory() as tmp:
+        provider.download_file(path, str(Path(tmp) / META_FILE))
+        return json.loads((Path(tmp) / META_FILE).read_text())
+
+
+def _write_meta(output_dir: str, meta: dict) -> None:
+    text = json.dumps(meta, indent=2)
+    if not is_url(output_dir):
+        target = Path(output_dir) / META_FILE
+        tmp = target.with_name(f".{META_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)  # atomic: a folder with meta.json is a finished folder
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / META_FILE
+        local.write_text(text)
+        _fs_provider(output_dir).upload_file(str(local), join(output_dir, META_FILE))
+
+
+def _fs_provider(url: str):
+    # litdata's own object-store client (same credentials and storage options as its chunk uploads)
+    import_litdata()
+    from litdata.streaming.fs_provider import _get_fs_provider
+
+    return _get_fs_provider(url)
+
+
+# --- preparing: files -> documents -> token chunks -----------------------------------------------------
+
+def list_inputs(input_dir: str, text_column: str) -> list[tuple[int, str, int]]:
+    """Work items (index, path, parquet row group or -1 for a text file), sorted, empty files left out."""
+    root = Path(input_dir)
+    if not root.exists():
+        raise FileNotFoundError(f"input_dir {input_dir} does not exist: pass a folder of .txt or .parquet files")
+    if not root.is_dir():
+        raise NotADirectoryError(f"input_dir {input_dir} is not a folder: pass a folder of .txt or .parquet files")
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".txt", ".parquet") and p.is_file())
+    files = [p for p in files if p.stat().st_size > 0]  # litdata refuses 0-byte input files
+    items: list[tuple[int, str, int]] = []
+    for path in files:
+        if path.suffix == ".txt":
+            items.append((len(items), str(path), -1))
+            continue
+        parquet = _parquet_file(path)
+        if text_column not in parquet.schema_arrow.names:
+            raise ValueError(f"{path} has no column {text_column!r} (columns: {parquet.schema_arrow.names}): "
+                             "pass --text_column")
+        # one item per row group, so the workers share a big parquet file
+        items.extend((len(items) + i, str(path), i) for i in range(parquet.num_row_groups))
+    if not items:
+        raise ValueError(f"input_dir {input_dir} has no non-empty .txt or .parquet files")
+    return items
+
+
+def _parquet_file(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    return pq.ParquetFile(path)
+
+
+def read_documents(path: str, row_group: int, text_column: str) -> list[str]:
+    """The documents of one work item: a whole text file, or the text column of one parquet row group."""
+    if row_group >= 0:
+        column = _parquet_file(Path(path)).read_row_group(row_group, columns=[text_column]).column(text_column)
+        texts = column.to_pylist()
+        if any(t is not None and not isinstance(t, str) for t in texts):
+            raise ValueError(f"column {text_column!r} of {path} is not text")
+        return [t for t in texts if t]
+    raw = Path(path).read_bytes()
+    try:
+        return [raw.decode("utf-8")]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 (byte {err.start}): re-encode it, e.g. iconv -t utf-8") from None
+
+
+def split_document(text: str, val_fraction: float) -> tuple[str, str]:
+    """(train part, val part): the last val_fraction of the characters are held out, as in TextDataModule."""
+    cut = int(len(text) * (1 - val_fraction))
+    return text[:cut], text[cut:]
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(state: str) -> Tokenizer:
+    return tokenizer_from_state(json.loads(state))  # once per worker process, not once per document
+
+
+def tokenize_item(item: tuple[int, str, int], *, split: str, tokenizer_state: str, val_fraction: float,
+                  dtype: str, text_column: str, counts_dir: str):
+    """optimize() worker function: yields one token array per document part, records bytes and tokens.
+
+    Bad input (a file that is not UTF-8, a parquet column that is not text) is recorded, not raised: a
+    raising worker makes litdata abandon its helper processes, which then print tracebacks after our error.
+    `prepare_corpus` reports the recorded error once every worker has finished cleanly.
+    """
+    index, path, row_group = item
+    if any(Path(counts_dir).glob("*.error")):  # another item already failed: the run is lost, stop early
+        return
+    tokenizer = _tokenizer(tokenizer_state)
+    try:
+        documents = read_documents(path, row_group, text_column)
+    except ValueError as err:
+        Path(counts_dir, f"{index}.error").write_text(str(err))
+        return
+    n_bytes = n_tokens = 0
+    for text in documents:
+        part = split_document(text, val_fraction)[0 if split == "train" else 1]
+        if not part:
+            continue
+        ids = tokenizer.encode(part)
+        if tokenizer.eot_id is not None:
+            ids.append(tokenizer.eot_id)  # BPE: <|endoftext|> between documents, as GPT-2 was trained
+        n_bytes += len(part.encode("utf-8"))
+        n_tokens += len(ids)
+        yield np.asarray(ids, dtype=dtype)
+    # the workers are processes: the counts travel back through small files
+    Path(counts_dir, f"{index}.json").write_text(json.dumps({"bytes": n_bytes, "tokens": n_tokens}))
+
+
+def _check_output_dir(output_dir: str) -> bool:
+    """FileExistsError for a non-empty output_dir; returns whether this call creates the (local) folder."""
+    if is_url(output_dir):
+        provider = _fs_provider(output_dir)
+        if provider.exists(join(output_dir, META_FILE)) or not provider.is_empty(output_dir):
+            raise FileExistsError(f"output_dir {output_dir} is not empty: pick a new prefix or delete it first")
+        return False
+    path = Path(output_dir)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"output_dir {output_dir} is not empty: pick a new folder or delete it first")
+    return not path.exists()
+
+
+def _run_optimize(fn, items: list, output_dir: str, num_workers: int, chunk_tokens: int) -> None:
+    litdata = import_litdata()
+    from litdata import TokensLoader
+
+    kwargs = dict(fn=fn, inputs=items, output_dir=output_dir, chunk_size=chunk_tokens, item_loader=TokensLoader(),
+                  num_workers=num_workers, reorder_files=False, start_method="spawn")
+    accepted = inspect.signature(litdata.optimize).parameters
+    # newer litdata: a fixed slice of the work per worker (reproducible chunks), no progress bar or ads
+    kwargs.update({k: v for k, v in dict(keep_data_ordered=True, verbose=False).items() if k in accepted})
+    try:
+        litdata.optimize(**kwargs)
+    except RuntimeError:
+        if "verbose" not in accepted:
+            print(file=sys.stderr)  # ends older litdata's unfinished progress bar line: the error starts a line
+        raise
+
+
+def prepare_corpus(
+    *,
+    input_dir: str,
+    output_dir: str,
+    tokenizer: str = "gpt2",
+    val_fraction: float = 0.05,
+    num_workers: int | None = None,
+    chunk_tokens: int = 2**24,
+    text_column: str = "text",
+) -> dict:
+    """Tokenize a folder of .txt and/or .parquet files into litdata chunks for `fit --data.streaming_dir`.
+
+    Writes <output_dir>/train and <output_dir>/val (litdata TokensLoader chunks) and <output_dir>/meta.json
+    (tokenizer, vocabulary size, bytes and tokens per split). Each document's last `val_fraction` of
+    characters goes to val. Files are found recursively; a parquet row is a document.
+
+    Args:
+        input_dir: local folder of UTF-8 .txt files and/or .parquet files with a text column.
+        output_dir: new or empty folder, or an object-store prefix litdata can write (s3://bucket/tokens).
+        tokenizer: a tiktoken encoding ("gpt2") or "char" (vocabulary = every character of every file).
+        val_fraction: tail fraction of each document (by characters) held out for validation.
+        num_workers: tokenizer processes (default: one per CPU core, at most one per file or row group).
+        chunk_tokens: tokens per chunk file (2**24 = 32 MiB of uint16): the unit of streaming and sharding.
+        text_column: the parquet column holding the documents.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    import_litdata()  # fail before any work when it is missing
+    items = list_inputs(input_dir, text_column)
+    created = _check_output_dir(output_dir)
+    if tokenizer == "char":
+        # a character vocabulary needs every character of every file before any file is tokenized
+        chars: set[str] = set()
+        for _, path, row_group in items:
+            for text in read_documents(path, row_group, text_column):
+                chars.update(text)
+        tok: Tokenizer = CharTokenizer("".join(sorted(chars)))
+    else:
+        tok = TiktokenTokenizer(tokenizer)
+    dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
+    workers = max(1, min(num_workers or os.cpu_count() or 1, len(items)))
+    meta = {"format": FORMAT_VERSION, "tokenizer": tok.state_dict(), "vocab_size": tok.vocab_size, "dtype": dtype,
+            "source": str(Path(input_dir).resolve()), "items": len(items), "val_fraction": val_fraction,
+            "chunk_tokens": chunk_tokens, "eot_between_documents": tok.eot_id is not None}
+    counts_dir = tempfile.mkdtemp(prefix="prepare-counts-")
+    try:
+        for split in ("train", "val"):
+            fn = functools.partial(tokenize_item, split=split, tokenizer_state=json.dumps(tok.state_dict()),
+                                   val_fraction=val_fraction, dtype=dtype, text_column=text_column,
+                                   counts_dir=counts_dir)
+            _run_optimize(fn, items, join(output_dir, split), workers, chunk_tokens)
+            errors = sorted(Path(counts_dir).glob("*.error"), key=lambda p: int(p.stem))
+            if errors:
+                raise ValueError(errors[0].read_text())
+            counts = [json.loads(p.read_text()) for p in Path(counts_dir).glob("*.json")]
+            for p in Path(counts_dir).glob("*.json"):
+                p.unlink()
+            if len(counts) != len(items):  # e.g. a worker that could not start: litdata does not always say
+                raise RuntimeError(
+                    f"the tokenizer processes finished {len(counts)} of {len(items)} files: see the errors above "
+                    "(they are spawned: from a script, call prepare_corpus under `if __name__ == '__main__':`)"
+                )
+            meta[f"{split}_bytes"] = sum(c["bytes"] for c in counts)
+            meta[f"{split}_tokens"] = sum(c["tokens"] for c in counts)
+            if meta[f"{split}_tokens"] == 0:
+                raise ValueError(f"the {split} split of {input_dir} is empty: add text or change val_fraction")
+        _write_meta(output_dir, meta)
+    except BaseException:
+        # a half-written folder would block the next attempt: remove what this call made, nothing else
+        if created:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        elif not is_url(output_dir):
+            for split in ("train", "val"):
+                shutil.rmtree(Path(output_dir) / split, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(counts_dir, ignore_errors=True)
+    print(f"prepared {output_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+          f"({tok.state_dict()['kind']}, vocabulary {tok.vocab_size})")
+    return meta
+
+
+# --- reading: litdata chunks -> (x, y) batches ------------------------------------------------------------
+
+def inputs_and_targets(windows: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate (block_size + 1)-token windows into int64 (x, y), y = x shifted by one (as TrainWindows)."""
+    batch = torch.from_numpy(np.stack([np.asarray(w) for w in windows]).astype(np.int64))
+    return batch[:, :-1], batch[:, 1:]
+
+
+def _set_replicas(dataset, num_replicas: int, rank: int) -> None:
+    """Split the chunks by data-parallel rank (litdata's default is torch.distributed's global rank).
+
+    They differ under tensor parallelism: the ranks of one tensor-parallel group must read the same windows.
+    """
+    from litdata.utilities.env import _DistributedEnv
+
+    detected = dataset.distributed_env
+    if (detected.world_size, detected.global_rank) != (num_replicas, rank):
+        dataset.distributed_env = _DistributedEnv(world_size=num_replicas, global_rank=rank, num_nodes=1)
+
+
+@functools.cache
+def _endless_loader_class():
+    from litdata import StreamingDataLoader
+
+    class EndlessStreamingDataLoader(StreamingDataLoader):
+        """litdata's stateful loader, restarted at each epoch's end: training runs by max_steps, like TrainWindows.
+
+        It has no length, so Lightning validates every val_check_interval batches however small an epoch is.
+        Each pass reshuffles (litdata seeds a pass by seed and epoch); partial batches are dropped.
+        `consumed` (batches the trainer has used) makes checkpoints exact: Lightning fetches one batch ahead of
+        training_step from a loader without length, and litdata's own state would count that batch as used.
+        """
+
+        consumed: Callable[[], int] | None = None
+
+        def __iter__(self):
+            self._snapshots: dict[int, dict] = {}  # batches yielded -> litdata's state right after them
+            yielded = 0
+            while True:
+                full = False
+                for batch in super().__iter__():
+                    if len(batch[0]) == self.batch_size:
+                        full, yielded = True, yielded + 1
+                        self._snapshots[yielded] = super().state_dict()
+                        self._snapshots.pop(yielded - 8, None)  # a fetcher never runs this far ahead
+                        yield batch
+                if not full:
+                    raise ValueError(
+                        f"the training split has fewer than {self.batch_size} windows for one batch per rank and "
+                        "worker: prepare more text, or lower batch_size, block_size or num_workers"
+                    )
+
+        def state_dict(self) -> dict:
+            snapshots = getattr(self, "_snapshots", {})
+            if self.consumed is not None and self.consumed() in snapshots:
+                return snapshots[self.consumed()]
+            return super().state_dict()
+
+        def __len__(self) -> int:
+            raise TypeError("an endless stream has no length")
+
+    return EndlessStreamingDataLoader
+
+
+def train_loader(streaming_dir: str, *, block_size: int, batch_size: int, seed: int, num_workers: int = 0,
+                 replicas: tuple[int, int] | None = None, consumed: Callable[[], int] | None = None):
+    """An endless StreamingDataLoader of shuffled (x, y) batches over <streaming_dir>/train.
+
+    replicas: (data-parallel ranks, this rank); None reads them from torch.distributed, as litdata does.
+    consumed: how many of this loader's batches the trainer has used, so state_dict() matches a checkpoint.
+    """
+    litdata = import_litdata()
+    dataset = litdata.StreamingDataset(join(streaming_dir, "train"),
+                                       item_loader=litdata.TokensLoader(block_size=block_size + 1),
+                                       shuffle=True, seed=seed, drop_last=True)
+    if replicas is not None:
+        _set_replicas(dataset, *replicas)
+    loader = _endless_loader_class()(dataset, batch_size=batch_size, num_workers=num_workers,
+                                     collate_fn=inputs_and_targets)
+    loader.consumed = consumed
+    return loader
+
+
+class StreamingValWindows(Dataset):
+    """Fixed, evenly spaced windows of <streaming_dir>/val: the same val loss on every run and any rank count.
+
+    A map-style dataset, so Lightning's DistributedSampler splits it and pads it: every rank gets at least
+    one batch even when there are fewer windows than ranks (a rank with no batch would hang its peers).
+    """
+
+    def __init__(self, streaming_dir: str, block_size: int, max_windows: int | None) -> None:
+        litdata = import_litdata()
+        self.windows = litdata.StreamingDataset(join(streaming_dir, "val"),
+                                                item_loader=litdata.TokensLoader(block_size=block_size + 1))
+        _set_replicas(self.windows, 1, 0)  # indices below are global: every rank may read every window
+        available = len(self.windows)
+        if available < 1:
+            raise ValueError(
+                f"the val split of {streaming_dir} has fewer tokens than one window of {block_size + 1}: "
+                "prepare more text, a larger val_fraction, or use a smaller block_size"
+            )
+        count = available if max_windows is None else max(1, min(available, max_windows))
+        self.indices = np.linspace(0, available - 1, count).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = inputs_and_targets([self.windows[int(self.indices[i])]])
+        return x[0], y[0]
