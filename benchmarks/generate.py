@@ -4,8 +4,12 @@ All three run greedy decoding on the same random GPT-2-style weights (copied int
 here; nothing comes from the hub), in one process, with interleaved repeats; the table reports medians.
 Two more rows sample as the CLI does by default (temperature 0.8, top-k 200), ours with the KV cache and HF's.
 
-    python benchmarks/generate.py            # 6 layers x 6 heads x 192 (the default config), block 512, 256 + 256 tokens
-    python benchmarks/generate.py --quick    # a small smoke run (seconds)
+A further row runs our KV-cached decoding with `compile=True` (each single-token step under torch.compile); its
+one-off compile time is printed apart and left out of its tokens/s.
+
+    python benchmarks/generate.py                      # configs/shakespeare.yaml's model (GPT-2 BPE), block 512
+    python benchmarks/generate.py --model char         # configs/shakespeare-char.yaml's model (65 characters)
+    python benchmarks/generate.py --quick              # a small smoke run (seconds)
 
 Tokens/s counts new tokens only (batch * max_new_tokens / wall time), prefill included.
 """
@@ -23,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 import torch  # noqa: E402
 
@@ -42,6 +46,20 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+# a shipped config's model and its vocabulary size on TinyShakespeare
+MODELS = {"bpe": ("shakespeare.yaml", 50257), "char": ("shakespeare-char.yaml", 65)}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def model_config(name: str) -> GPTConfig:
+    """The model of a shipped config, with a 512-token context so that 256 + 256 tokens fit."""
+    import yaml
+
+    file, vocab_size = MODELS[name]
+    shape = yaml.safe_load((REPO / "configs" / file).read_text())["model"]["config"]
+    return GPTConfig(**{**shape, "vocab_size": vocab_size, "block_size": 512})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and few tokens: a smoke run")
@@ -56,9 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--skip-hf", action="store_true", help="leave out transformers")
     parser.add_argument("--skip-sampling", action="store_true", help="greedy rows only (no top-k rows)")
-    parser.add_argument("--n-layer", type=int, default=6)
-    parser.add_argument("--n-head", type=int, default=6)
-    parser.add_argument("--n-embd", type=int, default=192)
+    parser.add_argument("--model", choices=list(MODELS), default="bpe",
+                        help="whose model shape: configs/shakespeare.yaml (bpe) or configs/shakespeare-char.yaml (char)")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the compiled decoding row")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -67,9 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         config = GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=32)
         prompt_len, new_tokens, repeats = args.prompt_len or 16, args.new_tokens or 16, args.repeats or 1
     else:
-        # the default config's model (configs/shakespeare.yaml) with a 512-token context
-        config = GPTConfig(vocab_size=50257, block_size=512, n_layer=args.n_layer, n_head=args.n_head,
-                           n_embd=args.n_embd)
+        config = model_config(args.model)
         prompt_len, new_tokens, repeats = args.prompt_len or 256, args.new_tokens or 256, args.repeats or 5
     nocache_repeats = args.nocache_repeats or min(repeats, 3)
     nocache_batches = set(args.nocache_batch_sizes or args.batch_sizes)
@@ -84,11 +100,11 @@ def main(argv: list[str] | None = None) -> None:
             diff = (model(x) - hf(x).logits).abs().max().item()
         print(f"max |logits ours - HF| on the prompt: {diff:.2e}", flush=True)
 
-    def ours(use_kv_cache: bool, sample: bool = False):
+    def ours(use_kv_cache: bool, sample: bool = False, compile: bool = False):
         def run(idx):
             if sample:
                 return generate(model, idx, new_tokens, temperature=0.8, top_k=200, seed=0)
-            return generate(model, idx, new_tokens, temperature=0.0, use_kv_cache=use_kv_cache)
+            return generate(model, idx, new_tokens, temperature=0.0, use_kv_cache=use_kv_cache, compile=compile)
         return run
 
     def hf_generate(sample: bool = False):
@@ -102,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     # greedy rows are compared with HF greedy; the sampled rows with HF sampled
     methods = {"ours, KV cache": ours(True), "ours, no cache": ours(False)}
     baseline = {"ours, KV cache": "HF generate", "ours, no cache": "HF generate", "HF generate": "HF generate"}
+    if not args.skip_compile:
+        methods["ours, KV, compile"] = ours(True, compile=True)
+        baseline["ours, KV, compile"] = "HF generate"
     if hf is not None:
         methods["HF generate"] = hf_generate()
     if not args.skip_sampling:
@@ -115,11 +134,14 @@ def main(argv: list[str] | None = None) -> None:
     def skipped(name: str, b: int) -> bool:
         return name == "ours, no cache" and b not in nocache_batches
 
+    warmup: dict[tuple[str, int], float] = {}
     for name, fn in methods.items():  # warm-up (and outputs for the agreement check)
         for b in args.batch_sizes:
             if skipped(name, b):
                 continue
+            start = time.perf_counter()
             outputs[name, b] = fn(prompts[b])[:, prompt_len:]
+            warmup[name, b] = time.perf_counter() - start
     for r in range(repeats):  # interleaved: every method and batch size once per round
         for b in args.batch_sizes:
             for name, fn in methods.items():
@@ -135,22 +157,25 @@ def main(argv: list[str] | None = None) -> None:
           f"(top-k rows: temperature 0.8, top-k 200)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; "
           f"median of {repeats} (no cache: {nocache_repeats}) interleaved runs\n")
-    header = f"| {'method':<16} | {'batch':>5} | {'median s':>9} | {'tokens/s':>9} | {'vs HF':>6} | {'vs no cache':>11} |"
-    greedy = ("ours, KV cache", "ours, no cache", "HF generate")
+    header = f"| {'method':<17} | {'batch':>5} | {'median s':>9} | {'tokens/s':>9} | {'vs HF':>6} | {'vs no cache':>11} |"
+    greedy = ("ours, KV cache", "ours, no cache", "HF generate", "ours, KV, compile")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for b in args.batch_sizes:
         tps = {m: b * new_tokens / statistics.median(times[m, b]) for m in methods if times[m, b]}
         for m in methods:
             if m not in tps:
-                print(f"| {m:<16} | {b:>5} | {'-':>9} | {'-':>9} | {'-':>6} | {'-':>11} |")
+                print(f"| {m:<17} | {b:>5} | {'-':>9} | {'-':>9} | {'-':>6} | {'-':>11} |")
                 continue
             vs_hf = f"{tps[m] / tps[baseline[m]]:.2f}x" if baseline[m] in tps else "-"
             vs_nc = f"{tps[m] / tps['ours, no cache']:.2f}x" if "ours, no cache" in tps and m in greedy else "-"
-            print(f"| {m:<16} | {b:>5} | {statistics.median(times[m, b]):>9.3f} | {tps[m]:>9.1f} | {vs_hf:>6} | {vs_nc:>11} |")
+            print(f"| {m:<17} | {b:>5} | {statistics.median(times[m, b]):>9.3f} | {tps[m]:>9.1f} | {vs_hf:>6} | {vs_nc:>11} |")
     same = [f"{m} b{b}: {(outputs[m, b] == outputs['ours, KV cache', b]).float().mean().item():.0%}"
             for m in greedy[1:] for b in args.batch_sizes if (m, b) in outputs]
     print("\ngreedy tokens equal to ours with KV cache: " + ", ".join(same))
+    if "ours, KV, compile" in methods:
+        print("compiled decoding, first call (compilation + one run): "
+              + ", ".join(f"batch {b}: {warmup['ours, KV, compile', b]:.1f} s" for b in args.batch_sizes))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ new tokens outgrow the context, the window slides: each further token is predict
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -101,6 +102,23 @@ def validate_prompt(idx: torch.Tensor, block_size: int) -> None:
         raise ValueError(f"prompt has {idx.size(1)} tokens but the model's context is {block_size}: shorten the prompt")
 
 
+def decode_step(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """Logits (B, 1, V) for one new token per row, idx (B, 1) at position input_pos (1,), through the KV cache."""
+    return model(idx, input_pos=input_pos, last_only=True)
+
+
+@functools.cache
+def compiled_decode_step(device_type: str) -> Callable[[GPT, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`decode_step` under torch.compile: one graph for every position (the KV cache has a fixed shape).
+
+    Compiled once per process and model/batch shape (~5-30 s on a CPU), then each token runs as fused kernels
+    instead of ~30 Python-dispatched ops per layer; on a CPU the C++ wrapper also drops the per-kernel
+    Python calls. It pays when many tokens are sampled from one loaded model (the app, benchmarks).
+    """
+    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
+
+
 def generate_tokens(
     model: GPT,
     idx: torch.Tensor,
@@ -111,20 +129,26 @@ def generate_tokens(
     top_p: float | None = None,
     seed: int | None = None,
     use_kv_cache: bool = True,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time. The building block of `generate` and `stream`.
 
+    `compile` runs each single-token decode step through `compiled_decode_step` (needs the KV cache).
     Arguments are checked when called (ValueError), before the first token is produced. Close the iterator
     (or exhaust it) to free the KV cache and restore the model's train/eval mode.
     """
     validate_sampling(temperature, top_k, top_p, max_new_tokens)
     validate_prompt(idx, model.config.block_size)
-    return _generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_kv_cache)
+    if compile and not use_kv_cache:
+        raise ValueError("compile needs the KV cache (its fixed shape is what makes one graph): keep use_kv_cache")
+    step = compiled_decode_step(idx.device.type) if compile else decode_step
+    return _generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_kv_cache, step)
 
 
 @torch.inference_mode()
 def _generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-                     top_p: float | None, seed: int | None, use_kv_cache: bool) -> Iterator[torch.Tensor]:
+                     top_p: float | None, seed: int | None, use_kv_cache: bool,
+                     step: Callable[[GPT, torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
     block_size = model.config.block_size
     generator = None
     if seed is not None:
@@ -150,7 +174,7 @@ def _generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, tempera
             elif length == prompt_len:  # prefill: the whole prompt at once (plain causal attention)
                 logits = model(seq[:, :length], input_pos=positions[:length], last_only=True)
             elif length <= block_size:  # decode: one new token, attending to the cache
-                logits = model(seq[:, length - 1 : length], input_pos=positions[length - 1 : length], last_only=True)
+                logits = step(model, seq[:, length - 1 : length], positions[length - 1 : length])
             else:  # the context is full: slide the window, re-reading the last block_size tokens
                 logits = model(seq[:, length - block_size : length], input_pos=positions, last_only=True)
             next_ids = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
@@ -172,6 +196,7 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     use_kv_cache: bool = True,
+    compile: bool = False,
     eot_id: int | None = None,
     stop: list[str] | None = None,
     tokenizer: Tokenizer | None = None,
@@ -184,7 +209,7 @@ def generate(
     if stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer to decode the output")
     steps = generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, use_kv_cache=use_kv_cache)
+                            seed=seed, use_kv_cache=use_kv_cache, compile=compile)
     pad = eot_id if eot_id is not None else 0
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     new: list[torch.Tensor] = []
@@ -215,6 +240,7 @@ def stream(
     settings: GenerationSettings | None = None,
     *,
     use_kv_cache: bool = True,
+    compile: bool = False,
 ) -> Iterator[str]:
     """Yield the completion of `prompt` as text, piece by piece, as tokens are sampled.
 
@@ -229,7 +255,8 @@ def stream(
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     # checked now, when called, so a bad value fails before any text is printed
     steps = generate_tokens(model, idx, settings.max_new_tokens, temperature=settings.temperature,
-                            top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, use_kv_cache=use_kv_cache)
+                            top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, use_kv_cache=use_kv_cache,
+                            compile=compile)
     return _stream_text(steps, tokenizer, settings)
 
 

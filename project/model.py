@@ -123,11 +123,18 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) at ascending positions `pos` (T,); return the cache up to the last one."""
-        batch, start, end = k.size(0), int(pos[0]), int(pos[-1]) + 1
-        where = slice(start, end) if end - start == k.size(2) else pos  # consecutive positions: a plain copy,
-        self.k[:batch, :, where] = k.to(self.k.dtype)  # ~15x cheaper on CPU than scattering by index
-        self.v[:batch, :, where] = v.to(self.v.dtype)
+        """Write k, v (B, Hkv, T, D) at ascending, consecutive positions `pos` (T,) and return the keys and values
+        to attend to: for a single new token the whole preallocated cache, a fixed shape that a compiled decode
+        step can reuse at every position (the caller masks what lies past `pos`); else the cache up to `pos[-1]`.
+        """
+        batch = k.size(0)
+        if k.size(2) == 1:  # decoding: no Python int from pos, so torch.compile sees one static graph
+            self.k[:batch].index_copy_(2, pos, k.to(self.k.dtype))
+            self.v[:batch].index_copy_(2, pos, v.to(self.v.dtype))
+            return self.k[:batch], self.v[:batch]
+        start, end = int(pos[0]), int(pos[-1]) + 1
+        self.k[:batch, :, start:end] = k.to(self.k.dtype)  # a slice copy: ~15x cheaper on CPU than an index scatter
+        self.v[:batch, :, start:end] = v.to(self.v.dtype)
         return self.k[:batch, :, :end], self.v[:batch, :, :end]
 
 
@@ -173,13 +180,16 @@ class CausalSelfAttention(nn.Module):
         else:  # cached decoding: attend to every cached position up to each query's own position
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_kv_cache(batch_size) first")
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, T_cache, D), T_cache = last position + 1
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, T_cache, D)
             gqa = q.size(1) != k.size(1)
             k, v = k.to(q.dtype), v.to(q.dtype)
-            if T == 1:  # one new token sees every cached position: no mask; explicit matmuls, as SDPA's CPU
-                # flash kernel is slow for a single query. Query heads grouped per kv head: (B, Hkv, H/Hkv, D)
+            if T == 1:  # one new token: explicit matmuls, as SDPA's CPU flash kernel is slow for a single query.
+                # T_cache is the whole cache: positions after input_pos are masked. Query heads grouped per kv
+                # head: (B, Hkv, H/Hkv, D)
                 qg = q.view(B, k.size(1), -1, self.head_dim)
-                att = (qg @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(self.head_dim)).softmax(dim=-1)
+                att = (qg @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(self.head_dim))  # (B, Hkv, H/Hkv, T_cache)
+                future = torch.arange(k.size(2), device=x.device) > input_pos  # (T_cache,)
+                att = att.masked_fill_(future, float("-inf")).softmax(dim=-1)
                 y = (att @ v).view(B, -1, 1, self.head_dim)
             elif T == k.size(2):  # prefill from position 0 (input_pos ascending): plain causal
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -283,7 +293,8 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
         else:
-            if int(input_pos[-1]) >= self.config.block_size:
+            # (a compiled decode step cannot read a tensor's value: generate keeps positions in range there)
+            if not torch.compiler.is_compiling() and int(input_pos[-1]) >= self.config.block_size:
                 raise ValueError(f"position {int(input_pos[-1])} is past block_size {self.config.block_size}")
             pos = input_pos
         x = self.wte(idx)  # (B, T, C)

@@ -127,6 +127,36 @@ def test_greedy_same_with_and_without_cache_past_block_size(kind, prompt_len):
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_compiled_decode_step_matches_eager_decoding(kind):
+    """torch.compile'd single-token steps: the full forward's logits at every position, the same greedy tokens
+    (also once the window slides past block_size), and top-k sampling identical for the same seed."""
+    from project.generate import compiled_decode_step
+
+    model = tiny_gpt(kind)
+    block = model.config.block_size
+    step = compiled_decode_step("cpu")
+    idx = torch.randint(0, model.config.vocab_size, (2, block))
+    with torch.inference_mode():
+        full = model(idx)
+        model.setup_kv_cache(batch_size=2)
+        try:
+            model(idx[:, :3], input_pos=torch.arange(3))
+            for t in range(3, block):  # one graph serves every position: the cache keeps its shape
+                torch.testing.assert_close(step(model, idx[:, t : t + 1], torch.tensor([t]))[:, 0], full[:, t],
+                                           atol=1e-5, rtol=1e-5)
+        finally:
+            model.clear_kv_cache()
+    prompt = idx[:, :4]
+    eager = generate(model, prompt, 2 * block, temperature=0.0)
+    assert torch.equal(generate(model, prompt, 2 * block, temperature=0.0, compile=True), eager)
+    sampled = dict(temperature=1.0, top_k=10, seed=3)
+    assert torch.equal(generate(model, prompt, block, compile=True, **sampled), generate(model, prompt, block, **sampled))
+    with pytest.raises(ValueError, match="compile needs the KV cache"):
+        generate(model, prompt, 2, compile=True, use_kv_cache=False)
+
+
 # --- sampling filters ------------------------------------------------------------------------------
 
 
@@ -427,8 +457,9 @@ def test_benchmark_quick_prints_the_table():
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "| method" in out and "tokens/s" in out
-    for name in ("ours, KV cache", "ours, no cache", "ours, KV, top-k"):
+    for name in ("ours, KV cache", "ours, no cache", "ours, KV, top-k", "ours, KV, compile"):
         assert out.count(f"| {name}") == 2  # batch 1 and batch 8
+    assert "ours, KV, compile b1: 100%" in out and "ours, KV, compile b8: 100%" in out
     if "--skip-hf" not in args:
         assert out.count("| HF generate") == 2 and out.count("| HF, top-k") == 2
         assert "HF generate b1: 100%" in out  # greedy tokens agree with HF's
