@@ -5,6 +5,7 @@ Speed (default): training tokens/s of each config's model, side by side in one p
                  (precision, gradient clipping, log_every_n_steps, throughput monitor; no validation/checkpoints)
   (b) plain      the same model, optimizer, schedule, clipping and autocast in a hand-written PyTorch loop
   (c) naive      (b) with textbook attention (explicit causal mask + softmax) instead of scaled_dot_product_attention
+  (d) compiled   (b) with the model under torch.compile (only with --compile; its compilation falls in the warmup)
 Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the peak resident-set growth during the run
 (sampled every 5 ms), as torch's CPU allocator is invisible to tracemalloc.
 
@@ -12,6 +13,7 @@ Quality (--quality): trains architecture x optimizer through the real CLI for a 
 tabulates the final val/bpb from TensorBoard.
 
     python benchmarks/train.py                      # speed, both configs
+    python benchmarks/train.py --compile            # speed, plus the torch.compile'd plain loop
     python benchmarks/train.py --quality --budget-minutes 10
     python benchmarks/train.py --quick              # smoke test: tiny model, a few steps
 """
@@ -151,10 +153,12 @@ def run_lightning(setup, dm, device, steps: int, warmup: int) -> float:
     return clock.times[-1] - clock.times[warmup - 1]
 
 
-def run_plain(setup, dm, device, steps: int, warmup: int) -> float:
+def run_plain(setup, dm, device, steps: int, warmup: int, compile: bool = False) -> float:
     """The same training step without Lightning: autocast, loss, backward, clip, step, schedule."""
     module = make_module(setup, dm.vocab_size).to(device)
     model = module.model.train()
+    if compile:
+        model.compile()  # as GPTModule.configure_model does with model.compile: true
 
     class FakeTrainer:
         estimated_stepping_batches = warmup + steps
@@ -195,7 +199,11 @@ def run_naive(setup, dm, device, steps: int, warmup: int) -> float:
         CausalSelfAttention.forward = original
 
 
-RUNNERS = {"lightning": run_lightning, "plain": run_plain, "naive": run_naive}
+def run_compiled(setup, dm, device, steps: int, warmup: int) -> float:
+    return run_plain(setup, dm, device, steps, warmup, compile=True)
+
+
+RUNNERS = {"lightning": run_lightning, "plain": run_plain, "naive": run_naive, "compiled": run_compiled}
 
 
 def speed(args) -> None:
@@ -213,11 +221,12 @@ def speed(args) -> None:
     memory: dict[tuple[str, str], list[float]] = {}
     setups = {name: load_setup(name, args) for name in args.configs}
     datamodules = {name: make_datamodule(setups[name], args) for name in args.configs}
+    variants = VARIANTS + ("compiled",) if args.compile else VARIANTS
     for r in range(repeats):
         for name in args.configs:
             setup, dm = setups[name], datamodules[name]
             tokens = steps * dm.batch_size * dm.block_size
-            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]  # interleaved, alternating order
+            order = variants if r % 2 == 0 else variants[::-1]  # interleaved, alternating order
             for variant in order:
                 with PeakMemory(device) as mem:
                     seconds = RUNNERS[variant](setup, dm, device, steps, warmup)
@@ -231,7 +240,7 @@ def speed(args) -> None:
     print("|---|---|---:|---:|---:|")
     for name in args.configs:
         plain = statistics.median(results[(name, "plain")])
-        for variant in VARIANTS:
+        for variant in variants:
             tps = statistics.median(results[(name, variant)])
             print(f"| {name} | {variant} | {tps:,.0f} | {tps / plain:.3f} | "
                   f"{statistics.median(memory[(name, variant)]):,.0f} |")
@@ -241,6 +250,9 @@ def speed(args) -> None:
         print(f"\n{name}: Lightning overhead {100 * (plain / lit - 1):+.1f}% vs the plain loop; "
               f"scaled_dot_product_attention is {plain / naive:.2f}x the naive attention's speed; "
               f"the train loader alone yields {loader:,.0f} tokens/s, {loader / lit:,.0f}x what training consumes")
+        if args.compile:
+            print(f"{name}: torch.compile is {statistics.median(results[(name, 'compiled')]) / plain:.2f}x the plain "
+                  "loop's speed (steady state, compilation excluded)")
 
 
 def loader_tokens_per_second(dm, batches: int) -> float:
@@ -317,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
                         if (SHARED / "tinyshakespeare" / "input.txt").is_file() else None)
     parser.add_argument("--data-dir", default=str(REPO / "data"))
     parser.add_argument("--quick", action="store_true", help="tiny model and a few steps: checks the plumbing")
+    parser.add_argument("--compile", action="store_true", help="speed: add the torch.compile'd plain loop")
     parser.add_argument("--quality", action="store_true", help="architecture x optimizer val/bpb under a budget")
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="--quality: wall-clock per run")
     parser.add_argument("--save-dir", default=str(REPO / "runs" / "quality"), help="--quality: TensorBoard logs")

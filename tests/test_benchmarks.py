@@ -14,10 +14,11 @@ def run_benchmark(*args: str, cwd) -> subprocess.CompletedProcess:
 
 
 def test_speed_table_has_every_config_and_path(tmp_path, shakespeare_path):
-    result = run_benchmark(cwd=tmp_path)
+    result = run_benchmark("--compile", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for config in ("gpt2", "llama"):
-        for path in ("lightning", "plain", "naive"):
+        assert f"{config}: torch.compile is" in result.stdout
+        for path in ("lightning", "plain", "naive", "compiled"):
             assert f"| {config} | {path} |" in result.stdout, result.stdout
         assert f"{config}: Lightning overhead" in result.stdout
         loader_speed = result.stdout.split(f"{config}: Lightning overhead")[1].split("yields ")[1].split(" tokens/s")[0]
