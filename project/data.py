@@ -277,23 +277,25 @@ class TextDataModule(LightningDataModule):
         kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
         return kwargs.get("num_replicas", getattr(self.trainer, "world_size", 1)), kwargs.get("rank", self.trainer.global_rank)
 
+    def batches_trained(self) -> int:
+        """Training batches the trainer's steps have consumed (restored ones included): where a stream resumes.
+
+        Derived from the step count (restored before the loader is built), not from batches yielded, which
+        DataLoader prefetching overcounts; checkpoints are written at optimizer-step boundaries.
+        """
+        return self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0
+
     def train_dataloader(self) -> DataLoader:
         meta = self.load_meta()
         replicas, rank = self.data_parallel_rank()
         if self.streaming_dir:
             # litdata shards the chunks over ranks and workers; Lightning checkpoints and restores its loader
-            if self.trainer is None:
-                return streaming.train_loader(self.streaming_dir, block_size=self.block_size,
-                                              batch_size=self.batch_size, seed=self.seed, num_workers=self.num_workers)
-            trainer, start = self.trainer, self.trainer.global_step * self.trainer.accumulate_grad_batches
+            start = self.batches_trained()
             return streaming.train_loader(self.streaming_dir, block_size=self.block_size, batch_size=self.batch_size,
                                           seed=self.seed, num_workers=self.num_workers, replicas=(replicas, rank),
-                                          consumed=lambda: trainer.global_step * trainer.accumulate_grad_batches - start)
-        if self.trainer is not None:
-            # resuming: continue the stream after the batches the restored steps consumed. Derived from the
-            # step count (restored before the loader is built), not from batches yielded, which DataLoader
-            # prefetching overcounts; checkpoints are written at optimizer-step boundaries
-            self.start_batch = self.trainer.global_step * self.trainer.accumulate_grad_batches
+                                          consumed=lambda: self.batches_trained() - start)
+        if self.trainer is not None:  # resuming: continue the stream after the batches already trained on
+            self.start_batch = self.batches_trained()
         windows = TrainWindows(self.cache_dir / "train.bin", meta["dtype"], self.block_size, self.batch_size,
                                self.seed, rank=rank, start_batch=self.start_batch)
         # an own generator: creating the loader's iterator then draws no number from the global RNG, so a
