@@ -82,6 +82,15 @@ class CharTokenizer:
         return {"kind": "char", "chars": self.chars}
 
 
+def build_tokenizer(name: str, text: str = "") -> Tokenizer:
+    """A new tokenizer by name: a tiktoken encoding ("gpt2"), or "char" for the characters of `text` (the corpus)."""
+    if name == "char":
+        if not text:
+            raise ValueError("a character vocabulary needs the corpus text to draw its characters from")
+        return CharTokenizer.from_text(text)
+    return TiktokenTokenizer(name)
+
+
 def tokenizer_from_state(state: dict) -> Tokenizer:
     """Rebuild a tokenizer from `Tokenizer.state_dict()` (as stored in checkpoints)."""
     if state.get("kind") == "tiktoken":

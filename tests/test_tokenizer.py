@@ -2,7 +2,7 @@
 
 import pytest
 
-from project.tokenizer import CharTokenizer, TiktokenTokenizer, tokenizer_from_state
+from project.tokenizer import CharTokenizer, TiktokenTokenizer, build_tokenizer, tokenizer_from_state
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll: Speak, speak! — café 🙂"
 
@@ -38,3 +38,10 @@ def test_state_restores_an_identical_tokenizer(tok):
 def test_unknown_encoding_names_the_choices():
     with pytest.raises(ValueError, match="gpt2"):
         TiktokenTokenizer("no-such-encoding")
+
+
+def test_build_tokenizer_by_name():
+    assert build_tokenizer("char", TEXT).state_dict() == CharTokenizer.from_text(TEXT).state_dict()
+    assert build_tokenizer("gpt2").state_dict() == {"kind": "tiktoken", "name": "gpt2"}
+    with pytest.raises(ValueError, match="needs the corpus text"):
+        build_tokenizer("char")
