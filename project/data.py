@@ -2,18 +2,18 @@
 
     corpus (TinyShakespeare, downloaded and checksummed, or any UTF-8 file)
       -> tokenizer (GPT-2 BPE or characters), once, 90/10 split by characters
-      -> <data_dir>/<corpus>-<tokenizer>-<hash>/{train,val}.bin (numpy memmap) + meta.json
+      -> <data_dir>/tokens/<corpus>-<tokenizer>-<hash>/{train,val}.bin (numpy memmap) + meta.json
       -> train: endless seeded random windows, a distinct stream per rank; val: fixed windows
 
 Corpora bigger than RAM: `python -m project prepare` (project/streaming.py) writes litdata chunks, and
-`streaming_dir` streams them instead of the single file.
+`streaming_dir` streams them instead of the single file. Both readers share everything after the read
+(project/tokens.py): the split, the token type, the windows and the (x, y) shift.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import urllib.request
 from pathlib import Path
 
@@ -21,14 +21,16 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from project import streaming
-from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_state
+from project.tokenizer import CharTokenizer, Tokenizer, build_tokenizer, tokenizer_from_state
+from project.tokens import (ValWindows, atomic_write_bytes, check_val_fraction, inputs_and_targets, read_text,
+                            split_text, token_dtype)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-CACHE_VERSION = 1  # bump when the token file layout changes, so stale caches are rebuilt
+CACHE_VERSION = 2  # bump when the token file layout changes, so stale caches are rebuilt
 
 
 def sha256_of(path: Path) -> str:
@@ -37,13 +39,6 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a crash or a concurrent rank never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def download_shakespeare(dest: Path, url: str = SHAKESPEARE_URL) -> None:
@@ -64,13 +59,7 @@ def download_shakespeare(dest: Path, url: str = SHAKESPEARE_URL) -> None:
 
 def read_corpus(path: Path) -> str:
     """The corpus text, or a one-line error naming what is wrong with the file."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"corpus file {path} is not UTF-8 (byte {err.start}): re-encode it, e.g. iconv -t utf-8"
-        ) from None
+    text = read_text(path)
     if not text.strip():
         raise ValueError(f"corpus file {path} is empty: pass --data.path pointing to a file with text")
     return text
@@ -91,11 +80,10 @@ class TrainWindows(IterableDataset):
         self.seed, self.rank, self.start_batch = seed, rank, start_batch
 
     def batch(self, tokens: np.ndarray, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number `index`: windows at random offsets, not only at multiples of the window length."""
         rng = np.random.default_rng([self.seed, self.rank, index])
         starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
-        windows = np.stack([tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
-        windows = torch.from_numpy(windows)
-        return windows[:, :-1], windows[:, 1:]  # targets are the inputs shifted by one
+        return inputs_and_targets([tokens[s : s + self.block_size + 1] for s in starts])
 
     def __iter__(self):
         tokens = np.memmap(self.tokens_path, dtype=self.dtype, mode="r")
@@ -107,28 +95,18 @@ class TrainWindows(IterableDataset):
             index += step
 
 
-class ValWindows(Dataset):
-    """Fixed, evenly spaced windows over the validation split: the same val loss on every run."""
+class MemmapWindows:
+    """The non-overlapping (block_size + 1)-token windows of a token file, as litdata's TokensLoader cuts chunks."""
 
-    def __init__(self, tokens_path: Path, dtype: str, block_size: int, max_windows: int | None) -> None:
+    def __init__(self, tokens_path: Path, dtype: str, block_size: int) -> None:
         self.tokens = np.memmap(tokens_path, dtype=dtype, mode="r")
-        self.block_size = block_size
-        available = (len(self.tokens) - 1) // block_size
-        if available < 1:
-            raise ValueError(
-                f"validation split has {len(self.tokens)} tokens, fewer than one window of {block_size + 1}: "
-                "use a longer corpus or a smaller block_size"
-            )
-        count = available if max_windows is None else min(available, max_windows)
-        self.starts = np.linspace(0, (available - 1) * block_size, count).astype(np.int64)
+        self.length = block_size + 1
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return len(self.tokens) // self.length
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        s = int(self.starts[i])
-        window = torch.from_numpy(self.tokens[s : s + self.block_size + 1].astype(np.int64))
-        return window[:-1], window[1:]
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[i * self.length : (i + 1) * self.length]
 
 
 class TextDataModule(LightningDataModule):
@@ -167,8 +145,7 @@ class TextDataModule(LightningDataModule):
         streaming_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_val_fraction(val_fraction)
         self.data_dir = Path(data_dir)
         self.path = Path(path) if path else self.data_dir / "tinyshakespeare" / "input.txt"
         self.is_shakespeare = path is None
@@ -179,6 +156,7 @@ class TextDataModule(LightningDataModule):
         self.prompts = prompts if prompts is not None else ["\n"]
         self.streaming_dir = streaming_dir
         self._tokenizer: Tokenizer | None = None
+        self.cache_dir: Path | None = None  # the token cache folder, found once by load_meta (it hashes the corpus)
         self.meta: dict | None = None
         self.start_batch = 0  # set from the trainer's step count, so a resumed stream continues where it stopped
 
@@ -195,32 +173,31 @@ class TextDataModule(LightningDataModule):
         elif sha256_of(self.path) != SHAKESPEARE_SHA256:
             raise ValueError(f"{self.path} is not the expected TinyShakespeare (SHA-256 mismatch): delete it to re-download")
 
-    @property
-    def cache_dir(self) -> Path:
-        # keyed by corpus content and tokenizer, so a changed file or tokenizer never reuses stale tokens
-        key = hashlib.sha256(f"{sha256_of(self.path)}:{self.tokenizer_name}:{self.vocabulary}:{self.val_fraction}:{CACHE_VERSION}".encode()).hexdigest()[:12]
-        return self.data_dir / "tokens" / f"{self.path.stem}-{self.tokenizer_name}-{key}"
+    def find_cache_dir(self) -> Path:
+        """The token cache folder, keyed by corpus content and tokenizer: a changed file or tokenizer never reuses
+        stale tokens. Hashes the corpus on the first call only."""
+        if self.cache_dir is None:
+            key = f"{sha256_of(self.path)}:{self.tokenizer_name}:{self.vocabulary}:{self.val_fraction}:{CACHE_VERSION}"
+            digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+            self.cache_dir = self.data_dir / "tokens" / f"{self.path.stem}-{self.tokenizer_name}-{digest}"
+        return self.cache_dir
 
     def prepare_data(self) -> None:
-        """Tokenize the corpus once into train.bin / val.bin (uint16 or uint32) plus meta.json."""
+        """Tokenize the corpus once into train.bin / val.bin plus meta.json (the shared token layout)."""
         if self.trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING:
             return  # predicting completes prompts: no corpus needed
         if self.streaming_dir:
             return  # prepared beforehand by `python -m project prepare`
         self.ensure_corpus()
-        out = self.cache_dir
+        out = self.find_cache_dir()
         if (out / "meta.json").exists():
             return
         text = read_corpus(self.path)
-        if self.tokenizer_name != "char":
-            tokenizer = TiktokenTokenizer(self.tokenizer_name)
-        else:
-            tokenizer = CharTokenizer(self.vocabulary) if self.vocabulary else CharTokenizer.from_text(text)
-        split = int(len(text) * (1 - self.val_fraction))
-        dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
+        tokenizer = self.tokenizer
+        dtype = token_dtype(tokenizer.vocab_size)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"tokenizer": tokenizer.state_dict(), "dtype": dtype, "source": str(self.path)}
-        for name, part in (("train", text[:split]), ("val", text[split:])):
+        for name, part in zip(("train", "val"), split_text(text, self.val_fraction)):
             ids = np.array(tokenizer.encode(part), dtype=dtype)
             if len(ids) < self.block_size + 2:
                 raise ValueError(
@@ -233,24 +210,31 @@ class TextDataModule(LightningDataModule):
         atomic_write_bytes(out / "meta.json", json.dumps(meta, indent=2).encode())
 
     def load_meta(self) -> dict:
+        """meta.json of the token store (read once), tokenizing the corpus first when no cache exists yet."""
         if self.meta is None and self.streaming_dir:
             self.meta = streaming.read_meta(self.streaming_dir)
         if self.meta is None:
-            self.prepare_data()  # no-op when cached; needed when the vocabulary is asked for before fit
-            self.meta = json.loads((self.cache_dir / "meta.json").read_text())
+            self.prepare_data()  # no-op when cached; other ranks find the folder rank 0 wrote
+            self.meta = json.loads((self.find_cache_dir() / "meta.json").read_text())
         return self.meta
+
+    def build_tokenizer(self) -> Tokenizer:
+        """The tokenizer of this data, without tokenizing anything: a character vocabulary needs only the
+        corpus' set of characters, BPE needs no corpus (predicting from a checkpoint needs no data folder)."""
+        if self.streaming_dir:  # the tokenizer the folder was prepared with, whatever `tokenizer` says
+            return tokenizer_from_state(self.load_meta()["tokenizer"])
+        if self.tokenizer_name == "char" and self.vocabulary:
+            return CharTokenizer(self.vocabulary)
+        if self.tokenizer_name == "char":
+            self.ensure_corpus()
+            return build_tokenizer("char", read_corpus(self.path))
+        return build_tokenizer(self.tokenizer_name)
 
     @property
     def tokenizer(self) -> Tokenizer:
+        """Built once, on first use (the CLI links vocab_size into the model config before any hook runs)."""
         if self._tokenizer is None:
-            if self.streaming_dir:  # the tokenizer the folder was prepared with, whatever `tokenizer` says
-                self._tokenizer = tokenizer_from_state(self.load_meta()["tokenizer"])
-            elif self.tokenizer_name == "char" and self.vocabulary:
-                self._tokenizer = CharTokenizer(self.vocabulary)
-            elif self.tokenizer_name == "char":
-                self._tokenizer = tokenizer_from_state(self.load_meta()["tokenizer"])
-            else:  # BPE needs no corpus: predicting from a checkpoint works without the data folder
-                self._tokenizer = TiktokenTokenizer(self.tokenizer_name)
+            self._tokenizer = self.build_tokenizer()
         return self._tokenizer
 
     @property
@@ -296,7 +280,7 @@ class TextDataModule(LightningDataModule):
                                           consumed=lambda: self.batches_trained() - start)
         if self.trainer is not None:  # resuming: continue the stream after the batches already trained on
             self.start_batch = self.batches_trained()
-        windows = TrainWindows(self.cache_dir / "train.bin", meta["dtype"], self.block_size, self.batch_size,
+        windows = TrainWindows(self.find_cache_dir() / "train.bin", meta["dtype"], self.block_size, self.batch_size,
                                self.seed, rank=rank, start_batch=self.start_batch)
         # an own generator: creating the loader's iterator then draws no number from the global RNG, so a
         # resumed run (new iterator after the RNG state is restored) keeps the same dropout stream
@@ -306,9 +290,10 @@ class TextDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         meta = self.load_meta()
         if self.streaming_dir:
-            windows = streaming.StreamingValWindows(self.streaming_dir, self.block_size, self.max_val_windows)
+            windows, source = streaming.val_windows(self.streaming_dir, self.block_size), self.streaming_dir
         else:
-            windows = ValWindows(self.cache_dir / "val.bin", meta["dtype"], self.block_size, self.max_val_windows)
+            windows, source = MemmapWindows(self.find_cache_dir() / "val.bin", meta["dtype"], self.block_size), self.path
+        windows = ValWindows(windows, self.block_size, self.max_val_windows, source=str(source))
         return DataLoader(windows, batch_size=self.batch_size, shuffle=False, generator=torch.Generator().manual_seed(self.seed))
 
     def test_dataloader(self) -> DataLoader:

@@ -9,6 +9,8 @@
 
 Every document (a .txt file, or one row of a .parquet file's text column) keeps its head for training and its
 last `val_fraction` of characters for validation, so both splits cover the whole corpus.
+This module is only the litdata reader: the split, the token type, the windows and the (x, y) shift are the
+ones of project/tokens.py, which the single-file path uses too.
 litdata is imported inside the functions: the single-file path of project/data.py never needs it.
 """
 
@@ -25,10 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_state
+from project.tokenizer import Tokenizer, build_tokenizer, tokenizer_from_state
+from project.tokens import atomic_write_bytes, check_val_fraction, inputs_and_targets, read_text, split_text, token_dtype
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
@@ -87,10 +88,7 @@ def read_meta(streaming_dir: str) -> dict:
 def _write_meta(output_dir: str, meta: dict) -> None:
     text = json.dumps(meta, indent=2)
     if not is_url(output_dir):
-        target = Path(output_dir) / META_FILE
-        tmp = target.with_name(f".{META_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)  # atomic: a folder with meta.json is a finished folder
+        atomic_write_bytes(Path(output_dir) / META_FILE, text.encode())  # a folder with meta.json is a finished one
         return
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / META_FILE
@@ -149,17 +147,7 @@ def read_documents(path: str, row_group: int, text_column: str) -> list[str]:
         if any(t is not None and not isinstance(t, str) for t in texts):
             raise ValueError(f"column {text_column!r} of {path} is not text")
         return [t for t in texts if t]
-    raw = Path(path).read_bytes()
-    try:
-        return [raw.decode("utf-8")]
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 (byte {err.start}): re-encode it, e.g. iconv -t utf-8") from None
-
-
-def split_document(text: str, val_fraction: float) -> tuple[str, str]:
-    """(train part, val part): the last val_fraction of the characters are held out, as in TextDataModule."""
-    cut = int(len(text) * (1 - val_fraction))
-    return text[:cut], text[cut:]
+    return [read_text(Path(path))]
 
 
 @functools.lru_cache(maxsize=2)
@@ -186,7 +174,7 @@ def tokenize_item(item: tuple[int, str, int], *, split: str, tokenizer_state: st
         return
     n_bytes = n_tokens = 0
     for text in documents:
-        part = split_document(text, val_fraction)[0 if split == "train" else 1]
+        part = split_text(text, val_fraction)[0 if split == "train" else 1]
         if not part:
             continue
         ids = tokenizer.encode(part)
@@ -254,23 +242,19 @@ def prepare_corpus(
         chunk_tokens: tokens per chunk file (2**24 = 32 MiB of uint16): the unit of streaming and sharding.
         text_column: the parquet column holding the documents.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_val_fraction(val_fraction)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     import_litdata()  # fail before any work when it is missing
     items = list_inputs(input_dir, text_column)
     created = _check_output_dir(output_dir)
-    if tokenizer == "char":
-        # a character vocabulary needs every character of every file before any file is tokenized
-        chars: set[str] = set()
+    chars: set[str] = set()
+    if tokenizer == "char":  # a character vocabulary needs every character of every file before any file is tokenized
         for _, path, row_group in items:
             for text in read_documents(path, row_group, text_column):
                 chars.update(text)
-        tok: Tokenizer = CharTokenizer("".join(sorted(chars)))
-    else:
-        tok = TiktokenTokenizer(tokenizer)
-    dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
+    tok = build_tokenizer(tokenizer, "".join(sorted(chars)))
+    dtype = token_dtype(tok.vocab_size)
     workers = max(1, min(num_workers or os.cpu_count() or 1, len(items)))
     meta = {"format": FORMAT_VERSION, "tokenizer": tok.state_dict(), "vocab_size": tok.vocab_size, "dtype": dtype,
             "source": str(Path(input_dir).resolve()), "items": len(items), "val_fraction": val_fraction,
@@ -315,10 +299,11 @@ def prepare_corpus(
 
 # --- reading: litdata chunks -> (x, y) batches ------------------------------------------------------------
 
-def inputs_and_targets(windows: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collate (block_size + 1)-token windows into int64 (x, y), y = x shifted by one (as TrainWindows)."""
-    batch = torch.from_numpy(np.stack([np.asarray(w) for w in windows]).astype(np.int64))
-    return batch[:, :-1], batch[:, 1:]
+def _token_windows(streaming_dir: str, split: str, block_size: int, **options):
+    """litdata's non-overlapping (block_size + 1)-token windows of one split (project.data.MemmapWindows' layout)."""
+    litdata = import_litdata()
+    return litdata.StreamingDataset(join(streaming_dir, split),
+                                    item_loader=litdata.TokensLoader(block_size=block_size + 1), **options)
 
 
 def _set_replicas(dataset, num_replicas: int, rank: int) -> None:
@@ -384,10 +369,7 @@ def train_loader(streaming_dir: str, *, block_size: int, batch_size: int, seed: 
     replicas: (data-parallel ranks, this rank); None reads them from torch.distributed, as litdata does.
     consumed: how many of this loader's batches the trainer has used, so state_dict() matches a checkpoint.
     """
-    litdata = import_litdata()
-    dataset = litdata.StreamingDataset(join(streaming_dir, "train"),
-                                       item_loader=litdata.TokensLoader(block_size=block_size + 1),
-                                       shuffle=True, seed=seed, drop_last=True)
+    dataset = _token_windows(streaming_dir, "train", block_size, shuffle=True, seed=seed, drop_last=True)
     if replicas is not None:
         _set_replicas(dataset, *replicas)
     loader = _endless_loader_class()(dataset, batch_size=batch_size, num_workers=num_workers,
@@ -396,30 +378,11 @@ def train_loader(streaming_dir: str, *, block_size: int, batch_size: int, seed: 
     return loader
 
 
-class StreamingValWindows(Dataset):
-    """Fixed, evenly spaced windows of <streaming_dir>/val: the same val loss on every run and any rank count.
+def val_windows(streaming_dir: str, block_size: int):
+    """The non-overlapping (block_size + 1)-token windows of <streaming_dir>/val, in stored order, on every rank.
 
-    A map-style dataset, so Lightning's DistributedSampler splits it and pads it: every rank gets at least
-    one batch even when there are fewer windows than ranks (a rank with no batch would hang its peers).
+    project.tokens.ValWindows picks from them; Lightning's DistributedSampler then splits the picks by rank.
     """
-
-    def __init__(self, streaming_dir: str, block_size: int, max_windows: int | None) -> None:
-        litdata = import_litdata()
-        self.windows = litdata.StreamingDataset(join(streaming_dir, "val"),
-                                                item_loader=litdata.TokensLoader(block_size=block_size + 1))
-        _set_replicas(self.windows, 1, 0)  # indices below are global: every rank may read every window
-        available = len(self.windows)
-        if available < 1:
-            raise ValueError(
-                f"the val split of {streaming_dir} has fewer tokens than one window of {block_size + 1}: "
-                "prepare more text, a larger val_fraction, or use a smaller block_size"
-            )
-        count = available if max_windows is None else max(1, min(available, max_windows))
-        self.indices = np.linspace(0, available - 1, count).astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = inputs_and_targets([self.windows[int(self.indices[i])]])
-        return x[0], y[0]
+    windows = _token_windows(streaming_dir, "val", block_size)
+    _set_replicas(windows, 1, 0)  # indices are global: every rank may read every window
+    return windows

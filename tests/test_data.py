@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from project.data import TextDataModule, TrainWindows, ValWindows
+from project.data import MemmapWindows, TextDataModule, TrainWindows
 
 
 def prepared(data_dir, **kwargs) -> TextDataModule:
@@ -46,9 +46,16 @@ def test_val_windows_are_fixed_and_inside_val_split(data_dir):
     dm = prepared(data_dir, tokenizer="char", block_size=64, max_val_windows=10)
     first = [b for b in dm.val_dataloader()]
     second = [b for b in dm.val_dataloader()]
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
-    val = ValWindows(dm.cache_dir / "val.bin", dm.meta["dtype"], 64, None)
-    assert int(val.starts[-1]) + 65 <= dm.meta["val_tokens"]
+    assert sum(len(x) for x, _ in first) == 10
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+    windows = MemmapWindows(dm.cache_dir / "val.bin", dm.meta["dtype"], 64)
+    assert len(windows) == dm.meta["val_tokens"] // 65  # non-overlapping windows of block_size + 1
+    starts = {bytes(windows[i]): i * 65 for i in range(len(windows))}
+    for x, y in first:
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for row_x, row_y in zip(x, y):
+            window = np.concatenate([row_x.numpy(), row_y[-1:].numpy()]).astype(dm.meta["dtype"]).tobytes()
+            assert window in starts  # one of the val split's windows, whole
 
 
 def test_train_stream_is_seeded_and_differs_between_ranks(data_dir):
@@ -116,3 +123,22 @@ def test_corrupt_local_shakespeare_is_detected(tmp_path):
     target.write_text("not shakespeare\n" * 100)
     with pytest.raises(ValueError, match="SHA-256"):
         TextDataModule(data_dir=str(tmp_path / "data")).prepare_data()
+
+
+def test_properties_never_touch_the_corpus_once_set_up(data_dir):
+    """cache_dir, vocab_size, tokenizer and val_bytes_per_token are plain reads after setup: the corpus can go."""
+    dm = prepared(data_dir, tokenizer="char", block_size=16, batch_size=2)
+    (data_dir / "tinyshakespeare" / "input.txt").unlink()
+    for _ in range(2):
+        assert dm.cache_dir.is_dir() and dm.vocab_size == 65 and dm.tokenizer.vocab_size == 65
+        assert dm.val_bytes_per_token == pytest.approx(1.0)  # characters of Shakespeare are ASCII
+    assert next(iter(dm.train_dataloader()))[0].shape == (2, 16)
+    assert next(iter(dm.val_dataloader()))[0].shape == (2, 16)
+
+
+@pytest.mark.parametrize("tokenizer, vocab_size", [("char", 65), ("gpt2", 50257)])
+def test_vocab_size_tokenizes_nothing(data_dir, tokenizer, vocab_size):
+    """The CLI reads vocab_size at parse time on every rank: it must not build the token cache there."""
+    dm = TextDataModule(data_dir=str(data_dir), tokenizer=tokenizer)
+    assert dm.vocab_size == vocab_size
+    assert not (data_dir / "tokens").exists() and dm.cache_dir is None

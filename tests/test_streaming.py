@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -112,6 +113,29 @@ def test_prepare_char_vocabulary_over_all_files_and_parquet_rows(char_corpus):
         assert len(tokens) == meta[f"{split}_tokens"] == sum(len(p) for p in parts)
         assert sorted(tokenizer.decode(tokens)) == sorted("".join(parts))  # characters back to back, no separator
         assert meta[f"{split}_bytes"] == sum(len(p.encode("utf-8")) for p in parts)
+
+
+def test_both_readers_give_the_same_tokens_and_val_windows(shakespeare_path, tmp_path):
+    """One text file through the memmap cache and through litdata chunks: one split, one token layout, one shift."""
+    (tmp_path / "texts").mkdir()
+    corpus = tmp_path / "texts" / "play.txt"
+    corpus.write_text(shakespeare_path.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    prepare_corpus(input_dir=str(tmp_path / "texts"), output_dir=str(tmp_path / "tokens"), tokenizer="char",
+                   num_workers=1, val_fraction=0.1)
+    options = {"block_size": 32, "batch_size": 8, "max_val_windows": 20}
+    memmap = TextDataModule(path=str(corpus), data_dir=str(tmp_path / "data"), tokenizer="char", val_fraction=0.1,
+                            **options)
+    streamed = TextDataModule(streaming_dir=str(tmp_path / "tokens"), **options)
+    for dm in (memmap, streamed):
+        dm.prepare_data()
+        dm.setup("fit")
+    assert memmap.tokenizer.state_dict() == streamed.tokenizer.state_dict()
+    assert memmap.val_bytes_per_token == streamed.val_bytes_per_token
+    train_bin = memmap.cache_dir / "train.bin"
+    assert all_tokens(tmp_path / "tokens" / "train") == np.fromfile(train_bin, dtype=memmap.meta["dtype"]).tolist()
+    pairs = list(zip(memmap.val_dataloader(), streamed.val_dataloader(), strict=True))
+    assert sum(len(x) for (x, _), _ in pairs) == 20
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
 
 
 def streaming_module(out: Path, **kwargs) -> TextDataModule:
