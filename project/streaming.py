@@ -42,17 +42,16 @@ class LitdataMissingError(ImportError, ValueError):
 
 
 def import_litdata():
-    """The litdata module, or LitdataMissingError naming the install command."""
+    """The litdata module, or LitdataMissingError naming the install command.
+
+    litdata asks PyPI for a newer release of itself when a StreamingDataset is built. Recent releases skip that
+    when the environment sets LITDATA_DISABLE_VERSION_CHECK=1 (see docs/scaling.md); 0.2.44, the pinned extra,
+    has no switch, and its one lookup per process returns nothing when offline.
+    """
     try:
         import litdata
-        import litdata.helpers
     except ImportError:
         raise LitdataMissingError(INSTALL_HINT) from None
-    # litdata 0.2.44 (the pinned extra) asks PyPI for a newer release of itself whenever a dataset is built
-    # or optimized, with no switch to turn it off: no network calls from training jobs, offline clusters
-    # or tests. Later releases look up this same function, so the guard is harmless there.
-    if hasattr(litdata.helpers, "_get_newer_version"):
-        litdata.helpers._get_newer_version = lambda version: None
     return litdata
 
 

@@ -19,6 +19,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # honoured by litdata releases that have the switch
 
 
 @pytest.fixture(scope="session")

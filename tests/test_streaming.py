@@ -24,7 +24,7 @@ from project.data import TextDataModule  # noqa: E402
 from project.streaming import import_litdata, prepare_corpus  # noqa: E402
 from project.tokenizer import tokenizer_from_state  # noqa: E402
 
-litdata = import_litdata()  # as the project imports it: without litdata's PyPI version lookup
+litdata = import_litdata()
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 
