@@ -30,7 +30,7 @@ from project.tokens import (ValWindows, atomic_write_bytes, check_val_fraction, 
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-CACHE_VERSION = 2  # bump when the token file layout changes, so stale caches are rebuilt
+CACHE_VERSION = 1  # bump when the token file layout changes, so stale caches are rebuilt
 
 
 def sha256_of(path: Path) -> str:
@@ -156,7 +156,7 @@ class TextDataModule(LightningDataModule):
         self.prompts = prompts if prompts is not None else ["\n"]
         self.streaming_dir = streaming_dir
         self._tokenizer: Tokenizer | None = None
-        self.cache_dir: Path | None = None  # the token cache folder, found once by load_meta (it hashes the corpus)
+        self.cache_dir: Path | None = None  # set once by find_cache_dir (prepare_data, load_meta): it hashes the corpus
         self.meta: dict | None = None
         self.start_batch = 0  # set from the trainer's step count, so a resumed stream continues where it stopped
 
@@ -218,7 +218,7 @@ class TextDataModule(LightningDataModule):
             self.meta = json.loads((self.find_cache_dir() / "meta.json").read_text())
         return self.meta
 
-    def build_tokenizer(self) -> Tokenizer:
+    def load_tokenizer(self) -> Tokenizer:
         """The tokenizer of this data, without tokenizing anything: a character vocabulary needs only the
         corpus' set of characters, BPE needs no corpus (predicting from a checkpoint needs no data folder)."""
         if self.streaming_dir:  # the tokenizer the folder was prepared with, whatever `tokenizer` says
@@ -234,7 +234,7 @@ class TextDataModule(LightningDataModule):
     def tokenizer(self) -> Tokenizer:
         """Built once, on first use (the CLI links vocab_size into the model config before any hook runs)."""
         if self._tokenizer is None:
-            self._tokenizer = self.build_tokenizer()
+            self._tokenizer = self.load_tokenizer()
         return self._tokenizer
 
     @property
@@ -289,11 +289,12 @@ class TextDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         meta = self.load_meta()
-        if self.streaming_dir:
+        if self.streaming_dir:  # the readers differ only in where the windows come from
             windows, source = streaming.val_windows(self.streaming_dir, self.block_size), self.streaming_dir
         else:
-            windows, source = MemmapWindows(self.find_cache_dir() / "val.bin", meta["dtype"], self.block_size), self.path
-        windows = ValWindows(windows, self.block_size, self.max_val_windows, source=str(source))
+            windows = MemmapWindows(self.find_cache_dir() / "val.bin", meta["dtype"], self.block_size)
+            source = str(self.path)
+        windows = ValWindows(windows, self.block_size, self.max_val_windows, source=source)
         return DataLoader(windows, batch_size=self.batch_size, shuffle=False, generator=torch.Generator().manual_seed(self.seed))
 
     def test_dataloader(self) -> DataLoader:

@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from project.tokenizer import Tokenizer, build_tokenizer, tokenizer_from_state
-from project.tokens import atomic_write_bytes, check_val_fraction, inputs_and_targets, read_text, split_text, token_dtype
+from project.tokens import (atomic_write_bytes, check_val_fraction, inputs_and_targets, read_text, split_text,
+                            token_dtype)
 
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
