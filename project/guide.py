@@ -6,7 +6,8 @@ Each notebook runs top to bottom in a fresh kernel (nbclient) inside a temporary
 PDF shows outputs the code really produced. nbconvert turns it into HTML with MathJax 2 loaded from the local
 `jupyter-server-mathjax` package (no network), and Debian's headless Chromium prints that HTML, math typeset and
 figures embedded, to PDF. pypdf then joins a title page, a table of contents and the chapters into one file
-with bookmarks. Chapters are numbered from page 1 in their footers and in the table of contents.
+with bookmarks, the contents rows linked to their chapters. Chapters are numbered from page 1 in their footers
+and in the table of contents.
 """
 
 from __future__ import annotations
@@ -201,6 +202,18 @@ td.page {{ text-align: right; width: 15mm; }}
 </body></html>"""
 
 
+def text_heights(page) -> dict[str, float]:
+    """Each piece of text on a PDF page and the height of its baseline above the bottom edge, in points."""
+    heights = {}
+
+    def collect(text, cm, tm, font, size):
+        if text.strip():
+            heights[text.strip()] = tm[4] * cm[1] + tm[5] * cm[3] + cm[5]
+
+    page.extract_text(visitor_text=collect)
+    return heights
+
+
 def print_to_pdf(chromium: str, html_path: Path, pdf_path: Path, timeout: int = 300) -> None:
     """Print an HTML file to PDF with headless Chromium, after its scripts (MathJax) have finished."""
     # the virtual time budget lets MathJax typeset everything before printing, without waiting in real time
@@ -222,6 +235,7 @@ def build_guide(out: Path, notebook_dir: Path = NOTEBOOK_DIR, names: list[str] |
     browser to print with (default: found on PATH) and `on_chapter` is called as each chapter is done.
     """
     from pypdf import PdfReader, PdfWriter
+    from pypdf.annotations import Link
     from pypdf.constants import PageLabelStyle
 
     chromium = chromium or find_chromium()  # before minutes of execution, not after
@@ -269,10 +283,16 @@ def build_guide(out: Path, notebook_dir: Path = NOTEBOOK_DIR, names: list[str] |
         writer.append(front_pdf, import_outline=False)
         front_pages = len(writer.pages)
         writer.add_outline_item(title="Contents", page_number=min(1, front_pages - 1))
+        contents_page = min(1, front_pages - 1)
+        rows = text_heights(writer.pages[contents_page])
         for chapter, pdf_path in zip(chapters, chapter_pdfs):
             start = len(writer.pages)
             writer.append(pdf_path, import_outline=False)
             writer.add_outline_item(title=chapter.title, page_number=start)
+            if chapter.title in rows:  # the contents row becomes a link to the chapter's first page
+                y = rows[chapter.title]
+                width = float(writer.pages[contents_page].mediabox.width)
+                writer.add_annotation(contents_page, Link(rect=(50, y - 6, width - 50, y + 14), target_page_index=start))
         # a viewer's page numbers then match the footers and the contents: roman front matter, chapters from 1
         writer.set_page_label(0, front_pages - 1, style=PageLabelStyle.LOWERCASE_ROMAN, start=1)
         writer.set_page_label(front_pages, len(writer.pages) - 1, style=PageLabelStyle.DECIMAL, start=1)
