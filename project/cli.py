@@ -215,7 +215,7 @@ def generate_command(
 def guide_command(
     *,
     out: str = "guide.pdf",
-    notebooks: list[str] | None = None,
+    notebooks: str | None = None,
     notebook_dir: str = str(NOTEBOOK_DIR),
     timeout: int = 600,
     chromium: str | None = None,
@@ -224,7 +224,8 @@ def guide_command(
 
     Args:
         out: the PDF to write.
-        notebooks: a subset, by name or prefix, e.g. '[01, appendix]' (default: every notebook, in file-name order).
+        notebooks: a subset, comma-separated names or prefixes, e.g. 03,appendix (default: every notebook, in
+            file-name order).
         notebook_dir: the folder of notebooks.
         timeout: seconds each cell may run.
         chromium: the Chromium executable that prints the pages (default: chromium on PATH).
@@ -233,7 +234,8 @@ def guide_command(
         print(f"{chapter.notebook.name}: {chapter.pages} pages, executed in {chapter.execute_seconds:.0f} s",
               file=sys.stderr)
 
-    report = build_guide(Path(out), Path(notebook_dir), notebooks, timeout, chromium, on_chapter=done)
+    names = [name.strip() for name in notebooks.split(",") if name.strip()] if notebooks else None
+    report = build_guide(Path(out), Path(notebook_dir), names, timeout, chromium, on_chapter=done)
     print(f"wrote {report.out}: {report.pages} pages, {len(report.chapters)} chapters "
           f"(executed in {report.execute_seconds:.0f} s, printed in {report.render_seconds:.0f} s)")
 
