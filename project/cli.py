@@ -3,6 +3,7 @@
     python -m project fit --config configs/shakespeare.yaml      (any Trainer flag: --trainer.devices 2 ...)
     python -m project predict --config configs/shakespeare.yaml --ckpt_path runs/.../last.ckpt
     python -m project generate --ckpt_path runs/.../last.ckpt --prompt "ROMEO:" --stream true
+    python -m project guide --out guide.pdf                      (the notebooks, executed, as one PDF)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from project.checkpoint import consolidate_checkpoint, read_checkpoint
 from project.callbacks import (GPTCheckpoint, NonFiniteLossGuard, PredictionWriter, TextSampleCallback,
                                TokenThroughputMonitor)
 from project.data import TextDataModule
+from project.guide import NOTEBOOK_DIR, Chapter, build_guide  # imports nbclient/nbconvert only when it runs
 from project.hf import export_command
 from project.app import serve_command  # imports gradio only when the app is built
 from project.module import VAL_LOSS, GPTModule
@@ -210,6 +212,34 @@ def generate_command(
     sys.stdout.write("\n")
 
 
+def guide_command(
+    *,
+    out: str = "guide.pdf",
+    notebooks: str | None = None,
+    notebook_dir: str = str(NOTEBOOK_DIR),
+    timeout: int = 600,
+    chromium: str | None = None,
+) -> None:
+    """Execute the guide's notebooks and print them as one PDF (title page, contents, chapters, appendix).
+
+    Args:
+        out: the PDF to write.
+        notebooks: a subset, comma-separated names or prefixes, e.g. 03,appendix (default: every notebook, in
+            file-name order).
+        notebook_dir: the folder of notebooks.
+        timeout: seconds each cell may run.
+        chromium: the Chromium executable that prints the pages (default: chromium on PATH).
+    """
+    def done(chapter: Chapter) -> None:
+        print(f"{chapter.notebook.name}: {chapter.pages} pages, executed in {chapter.execute_seconds:.0f} s",
+              file=sys.stderr)
+
+    names = [name.strip() for name in notebooks.split(",") if name.strip()] if notebooks else None
+    report = build_guide(Path(out), Path(notebook_dir), names, timeout, chromium, on_chapter=done)
+    print(f"wrote {report.out}: {report.pages} pages, {len(report.chapters)} chapters "
+          f"(executed in {report.execute_seconds:.0f} s, printed in {report.render_seconds:.0f} s)")
+
+
 # the project's own commands, beside LightningCLI's fit/validate/test/predict
 COMMANDS: dict[str, Callable[..., None]] = {
     "generate": generate_command,
@@ -217,6 +247,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "consolidate": consolidate_checkpoint,  # DCP folder (ModelParallelStrategy) -> single .ckpt
     "serve": serve_command,  # Gradio app: generate with streaming, attention view (project/app.py)
     "prepare": prepare_corpus,  # folder of .txt/.parquet -> litdata token chunks for --data.streaming_dir
+    "guide": guide_command,  # notebooks/ executed and printed as one PDF (project/guide.py)
 }
 
 
