@@ -411,6 +411,11 @@ def test_generation_leaves_the_model_as_it_was(kind):
     model.eval()
     generate(model, torch.zeros(1, 3, dtype=torch.long), 3)
     assert not model.training
+    for training in (True, False):  # nothing to generate: the caller's mode still comes back unchanged
+        model.train(training)
+        assert torch.equal(generate(model, torch.zeros(1, 3, dtype=torch.long), 0), torch.zeros(1, 3, dtype=torch.long))
+        assert "".join(stream(model, tok, "012", GenerationSettings(max_new_tokens=0))) == ""
+        assert model.training is training
     # gradients still flow through the training forward afterwards
     model.train()
     loss = model(torch.zeros(2, 5, dtype=torch.long)).logsumexp(-1).mean()
