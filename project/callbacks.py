@@ -233,8 +233,9 @@ class NonFiniteLossGuard(Callback):
 
     The check runs before the optimizer step, so with "stop" the weights (and last.ckpt) keep the last
     finite state, and with "skip" the batch changes nothing (its gradients are dropped; the LR schedule and
-    the step counter still advance). It costs one host sync of a scalar per optimizer step: negligible next
-    to the step itself, and the progress bar reads the loss on the host every step anyway.
+    the step counter still advance). Under several processes the decision is collective: a non-finite loss
+    on any rank stops or skips on every rank. It costs one host sync of a scalar per optimizer step (and,
+    with several ranks, an all-reduce of it): negligible next to the step itself.
 
     Args:
         action: "stop" ends the run with an error naming the step; "skip" drops that batch's update and warns.
@@ -252,7 +253,12 @@ class NonFiniteLossGuard(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         finite, self._finite = self._finite, None
-        if finite is None or bool(finite):  # the one host sync per step
+        if finite is None:
+            return
+        # every rank takes the same decision: a rank skipping alone would let the replicas diverge, and a rank
+        # stopping alone would leave the others waiting in their next collective. Count the ranks that saw one
+        nonfinite_ranks = trainer.strategy.reduce((~finite).to(torch.float32), reduce_op="sum")
+        if not nonfinite_ranks.item():  # the one host sync per step
             return
         step = trainer.global_step
         if self.action == "skip" and self.skipped < self.max_skips:

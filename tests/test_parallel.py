@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import LightningModule
 
+from project.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from project.checkpoint import load_checkpoint
 from project.model import GPT, GPTConfig
 from tests.conftest import REPO, run_cli
@@ -217,3 +219,64 @@ def test_tensor_parallel_ranks_read_the_same_training_batches(data_dir):
     ddp = [{"num_replicas": 2, "rank": r} for r in (0, 1)]  # DDP: dp rank == global rank, distinct streams
     assert not torch.equal(first_batch(0, ddp[0]), first_batch(1, ddp[1]))
     assert torch.equal(first_batch(0, None), first_batch(0, ddp[0]))  # single device: rank 0
+
+
+
+class NonFiniteOnOneRank(LightningModule):
+    """A linear model whose loss is NaN on rank 1 only, at `nan_steps`."""
+
+    def __init__(self, nan_steps: tuple[int, ...]) -> None:
+        super().__init__()
+        self.nan_steps = nan_steps
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        if self.global_rank == 1 and self.global_step in self.nan_steps:
+            loss = loss * float("nan")
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class RecordingGuard(NonFiniteLossGuard):
+    """NonFiniteLossGuard that, when it raises on a rank, first saves the error and that rank's weights to
+    <out>/rank<r>.pt (Lightning runs no on_exception hook inside spawned ranks)."""
+
+    def __init__(self, out: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.out = out
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        try:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        except NonFiniteLossError as error:
+            weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            torch.save({"error": str(error), "weights": weights}, Path(self.out) / f"rank{trainer.global_rank}.pt")
+            raise
+
+
+@pytest.mark.slow  # spawns 2 ranks, each importing Lightning
+def test_nan_guard_decides_on_every_rank_alike(tmp_path):
+    """2 gloo ranks, a NaN loss on rank 1 alone at steps 1 and 3, "skip" with one skip allowed: step 1 is
+    skipped on both ranks (the replicas stay equal), step 3 stops both (none is left waiting for the other)."""
+    from datetime import timedelta
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.utils.data import DataLoader, TensorDataset
+
+    module = NonFiniteOnOneRank(nan_steps=(1, 3))
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))  # a rank left waiting times out
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=6, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[RecordingGuard(str(tmp_path), action="skip", max_skips=1)])
+    with pytest.raises(Exception, match="non-finite training loss at step 3"):
+        trainer.fit(module, DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=2))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["error"].startswith("non-finite training loss at step 3") and "1 batches were skipped" in rank["error"]
+    for name, value in ranks[0]["weights"].items():
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(ranks[1]["weights"][name], value, atol=0, rtol=0)
