@@ -38,8 +38,7 @@ class GPTModule(LightningModule):
         muon_weight_decay: Muon's decoupled weight decay (multiplied by its learning rate, like AdamW's).
         compile: compile the model with torch.compile (pays on GPUs; measured not to on small CPU runs).
         generation: sampling settings for `predict` and the text samples logged during training.
-        activation_checkpointing: recompute each block's activations in backward (ModelParallelStrategy only;
-            with FSDPStrategy use its activation_checkpointing_policy).
+        activation_checkpointing: recompute each block's activations in backward (under ModelParallelStrategy).
         init_from: a local transformers GPT-2/Llama directory whose weights initialise the model; its
             architecture must match config (block_size may be shorter). Not stored in the hyperparameters, so
             checkpoints never depend on that directory.
