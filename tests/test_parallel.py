@@ -8,7 +8,6 @@ a subprocess: strategy=ddp launched inside pytest would re-run the whole pytest 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,11 @@ from lightning.pytorch import LightningModule
 from project.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from project.checkpoint import load_checkpoint
 from project.model import GPT, GPTConfig
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, free_port, run_cli
 
 pytestmark = pytest.mark.distributed
 
 TINY = dict(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batch(seed: int = 0, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
