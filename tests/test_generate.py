@@ -438,21 +438,6 @@ def test_cli_generate_streams_reproducible_text(trained_run):
     assert second.stdout == first.stdout
 
 
-@pytest.mark.parametrize("flag, value, message", [("--temperature", "-1", "temperature must be >= 0"),
-                                                  ("--top_p", "1.5", "top_p must be in (0, 1]")])
-def test_cli_generate_bad_sampling_value(trained_run, flag, value, message):
-    result = run_cli("generate", "--ckpt_path", str(trained_run["ckpt"]), "--prompt", "ROMEO:", flag, value,
-                     cwd=trained_run["root"])
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert errors[-1].startswith("error:") and message in errors[-1], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""  # nothing printed before the error
-
-
-# --- the benchmark script --------------------------------------------------------------------------
-
-
 def test_benchmark_quick_prints_the_table():
     args = [sys.executable, str(REPO / "benchmarks" / "generate.py"), "--quick"]
     if importlib.util.find_spec("transformers") is None:
