@@ -155,19 +155,16 @@ def run_lightning(setup, dm, device, steps: int, warmup: int) -> float:
 
 def run_plain(setup, dm, device, steps: int, warmup: int, compile: bool = False) -> float:
     """The same training step without Lightning: autocast, loss, backward, clip, step, schedule."""
+    from project.optim import build_optimizer
+
     module = make_module(setup, dm.vocab_size).to(device)
     model = module.model.train()
     if compile:
         model.compile()  # as GPTModule.configure_model does with model.compile: true
 
-    class FakeTrainer:
-        estimated_stepping_batches = warmup + steps
-        strategy = None  # a single device
-
-    module._trainer = FakeTrainer()
-    configured = module.configure_optimizers()
-    module._trainer = None
-    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    hp = {k: v for k, v in module.hparams.items() if k not in ("config", "compile")}
+    optimizer, scheduler = build_optimizer(model, total_steps=warmup + steps, fused=device.type in ("cuda", "cpu"),
+                                           **hp)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     dtype = autocast_dtype(setup["precision"])
     times = []

@@ -16,7 +16,8 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 import torch
 
@@ -37,7 +38,9 @@ class TextSampleCallback(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or pl_module.tokenizer is None:
             return
-        if pl_module.device_mesh is not None:  # sharded weights: rank 0 alone cannot run the model
+        reason = sample_skip_reason(trainer.strategy)
+        if reason is not None:
+            rank_zero_warn(f"no text samples are logged: {reason}")  # Python's warnings show it once
             return
         settings = replace(pl_module.generation, max_new_tokens=self.max_new_tokens, seed=self.seed)
         self.last_sample = complete_batch(pl_module.model, pl_module.tokenizer, [self.prompt], settings)[0]
@@ -46,6 +49,17 @@ class TextSampleCallback(Callback):
                 # TensorBoard renders markdown: indent four spaces to keep line breaks and verse layout
                 body = "    " + (self.prompt + self.last_sample).replace("\n", "\n    ")
                 logger.experiment.add_text("samples", body, global_step=trainer.global_step)
+
+
+def sample_skip_reason(strategy: Strategy) -> str | None:
+    """Why `TextSampleCallback` cannot generate under `strategy`, or None when rank 0 holds the whole model.
+
+    Sampling runs on rank 0 alone; under a sharding strategy each forward gathers the weights from every rank,
+    so rank 0 would wait forever for ranks that are not generating.
+    """
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
+        return f"{type(strategy).__name__} shards the weights and rank 0 alone cannot run the model"
+    return None
 
 
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 3,
@@ -233,8 +247,9 @@ class NonFiniteLossGuard(Callback):
 
     The check runs before the optimizer step, so with "stop" the weights (and last.ckpt) keep the last
     finite state, and with "skip" the batch changes nothing (its gradients are dropped; the LR schedule and
-    the step counter still advance). It costs one host sync of a scalar per optimizer step: negligible next
-    to the step itself, and the progress bar reads the loss on the host every step anyway.
+    the step counter still advance). Under several processes the decision is collective: a non-finite loss
+    on any rank stops or skips on every rank. It costs one host sync of a scalar per optimizer step (and,
+    with several ranks, an all-reduce of it): negligible next to the step itself.
 
     Args:
         action: "stop" ends the run with an error naming the step; "skip" drops that batch's update and warns.
@@ -252,7 +267,12 @@ class NonFiniteLossGuard(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         finite, self._finite = self._finite, None
-        if finite is None or bool(finite):  # the one host sync per step
+        if finite is None:
+            return
+        # every rank takes the same decision: a rank skipping alone would let the replicas diverge, and a rank
+        # stopping alone would leave the others waiting in their next collective. Count the ranks that saw one
+        nonfinite_ranks = trainer.strategy.reduce((~finite).to(torch.float32), reduce_op="sum")
+        if not nonfinite_ranks.item():  # the one host sync per step
             return
         step = trainer.global_step
         if self.action == "skip" and self.skipped < self.max_skips:

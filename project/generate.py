@@ -153,10 +153,10 @@ def _generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, tempera
     generator = None
     if seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(seed)
+    if max_new_tokens == 0:  # before eval(): nothing runs, so the caller's train/eval mode stays as it was
+        return
     was_training = model.training
     model.eval()
-    if max_new_tokens == 0:
-        return
     batch, prompt_len = idx.shape
     # every token of the sequence so far, preallocated (no per-step concatenation)
     seq = torch.empty(batch, prompt_len + max_new_tokens, dtype=idx.dtype, device=idx.device)

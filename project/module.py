@@ -9,65 +9,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from project.generate import GenerationSettings, complete_batch
 from project.model import GPT, GPTConfig
+from project.optim import build_optimizer
 from project.tokenizer import Tokenizer, tokenizer_from_state
 
 TRAIN_LOSS, VAL_LOSS, VAL_PPL, VAL_BPB = "train/loss", "val/loss", "val/ppl", "val/bpb"
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class CombinedOptimizer(torch.optim.Optimizer):
-    """Several optimizers stepped as one, so Lightning's automatic optimization handles them like any optimizer.
-
-    `param_groups` are the inner optimizers' own group dicts: gradient clipping sees every parameter, and an LR
-    scheduler on this optimizer scales every group (each from its own initial lr). `state_dict` holds each
-    inner optimizer's state dict, so checkpoints save and restore all of them.
-    """
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        self.optimizers = list(optimizers)
-        groups = [group for opt in self.optimizers for group in opt.param_groups]
-        super().__init__(groups, defaults={})  # the same dicts: an lr written here reaches the inner optimizer
-        for opt in self.optimizers:  # add_param_group rebuilt the "params" lists; keep both sides identical
-            opt.param_groups[:] = [g for g in self.param_groups if any(g is h for h in opt.param_groups)]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for opt in self.optimizers:
-            opt.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        for opt, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
-            opt.load_state_dict(state)
-        # load_state_dict replaces each inner optimizer's group dicts: share the new ones again
-        self.param_groups[:] = [group for opt in self.optimizers for group in opt.param_groups]
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(type(opt).__name__ for opt in self.optimizers)})"
 
 
 class GPTModule(LightningModule):
@@ -88,8 +38,7 @@ class GPTModule(LightningModule):
         muon_weight_decay: Muon's decoupled weight decay (multiplied by its learning rate, like AdamW's).
         compile: compile the model with torch.compile (pays on GPUs; measured not to on small CPU runs).
         generation: sampling settings for `predict` and the text samples logged during training.
-        activation_checkpointing: recompute each block's activations in backward (ModelParallelStrategy only;
-            with FSDPStrategy use its activation_checkpointing_policy).
+        activation_checkpointing: recompute each block's activations in backward (under ModelParallelStrategy).
         init_from: a local transformers GPT-2/Llama directory whose weights initialise the model; its
             architecture must match config (block_size may be shorter). Not stored in the hyperparameters, so
             checkpoints never depend on that directory.
@@ -244,40 +193,16 @@ class GPTModule(LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        """Trainable parameters by optimizer group: "muon" (blocks' 2-D weights, with optimizer=muon), "decay"
-        (the other matrices and embeddings) and "no_decay" (norms, biases). Each parameter appears once."""
-        muon = self.hparams.get("optimizer", "adamw") == "muon"
-        groups: dict[str, list[torch.nn.Parameter]] = {"muon": [], "decay": [], "no_decay": []}
-        for name, p in self.model.named_parameters():  # tied lm_head/wte is listed once, as wte
-            if not p.requires_grad:
-                continue
-            if muon and p.dim() == 2 and name.startswith("blocks."):
-                groups["muon"].append(p)
-            else:
-                groups["decay" if p.dim() >= 2 else "no_decay"].append(p)
-        if not muon:
-            del groups["muon"]
-        return groups
-
     def configure_optimizers(self):
         hp = self.hparams
-        params = self.param_groups()
-        groups = [{"params": params["decay"], "weight_decay": hp.weight_decay, "name": "decay"},
-                  {"params": params["no_decay"], "weight_decay": 0.0, "name": "no_decay"}]
-        fused = self.device.type in ("cuda", "cpu")
-        sharded = self.device_mesh is not None  # fused/foreach kernels refuse a mix of DTensor and Tensor params
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused and not sharded,
-                                      foreach=False if sharded else None)
-        if "muon" in params:
-            if sharded or isinstance(self.trainer.strategy, FSDPStrategy):
-                raise ValueError("optimizer=muon needs whole weight matrices, which sharded strategies split: "
-                                 "pass --model.optimizer adamw")
-            muon = torch.optim.Muon([{"params": params["muon"], "name": "muon"}], lr=hp.muon_lr,
-                                    weight_decay=hp.muon_weight_decay, momentum=hp.muon_momentum)
-            optimizer = CombinedOptimizer([muon, optimizer])
-        total = self.trainer.estimated_stepping_batches
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+        # a loss scaler (fp16 "16-mixed") unscales before clipping; a fused AdamW would unscale inside its own
+        # step, and Lightning refuses to clip gradients for such an optimizer
+        loss_scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        optimizer, scheduler = build_optimizer(
+            self.model, total_steps=self.trainer.estimated_stepping_batches, optimizer=hp.get("optimizer", "adamw"),
+            learning_rate=hp.learning_rate, min_lr_ratio=hp.min_lr_ratio, warmup_steps=hp.warmup_steps,
+            weight_decay=hp.weight_decay, betas=tuple(hp.betas), muon_lr=hp.muon_lr, muon_momentum=hp.muon_momentum,
+            muon_weight_decay=hp.muon_weight_decay, fused=self.device.type in ("cuda", "cpu") and not loss_scaled,
+            sharded=self.device_mesh is not None,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PROJECT_SHARED_DATA", REPO.parent / "shared" / "data"))
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+# configs/debug.yaml trains the session's `trained_run`: tests read its values from here, never retype them
+DEBUG_CONFIG = yaml.safe_load((REPO / "configs" / "debug.yaml").read_text(encoding="utf-8"))
 
 # offline: tiktoken reads its BPE files from the shared cache; hub lookups and analytics are off
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken"))
@@ -36,6 +40,13 @@ def data_dir(tmp_path: Path, shakespeare_path: Path) -> Path:
     target.parent.mkdir(parents=True)
     shutil.copy(shakespeare_path, target)
     return tmp_path / "data"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a server or a torch.distributed rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import DEBUG_CONFIG, REPO, free_port, run_cli
 
 gr = pytest.importorskip("gradio")
 pytest.importorskip("matplotlib")
@@ -27,6 +26,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 GEN_ARGS = dict(max_new_tokens=24, temperature=0.8, top_k=20, top_p=0.95)
+MODEL = DEBUG_CONFIG["model"]["config"]  # the trained_run checkpoint's architecture
+TOO_LONG = "ROMEO: " * (MODEL["block_size"] // 7 + 1)  # a character per token: over the context, under 200 chars
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +38,6 @@ def loaded(trained_run):
 @pytest.fixture(scope="module")
 def handlers(loaded) -> App:
     return App(loaded, max_prompt_chars=200)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +74,7 @@ def test_generate_streams_and_concatenates(handlers, loaded):
     ("ROMEO:", {"max_new_tokens": 10_000}, "max new tokens must be"),
     ("ROMEO:", {"temperature": None}, "temperature must be a number"),
     ("ROMEO:", {"seed": 1.5}, "seed must be"),
-    ("ROMEO: " * 20, {}, "context is 32"),  # 140 characters: under the character cap, over the context
+    (TOO_LONG, {}, f"context is {MODEL['block_size']}"),
     ("x" * 201, {}, "limit is 200"),  # over the character cap
     ("ROMEO: \u00e9", {}, "not in this model's vocabulary"),
 ])
@@ -116,7 +111,7 @@ def test_attention_returns_figures_and_sorted_top10(handlers, loaded):
     ("ROMEO:", 2, 0, "layer must be a whole number from 0 to 1"),
     ("ROMEO:", 0, -1, "head must be a whole number from 0 to 1"),
     ("ROMEO:", None, 0, "layer must be"),
-    ("ROMEO: " * 20, 0, 0, "context is 32"),
+    (TOO_LONG, 0, 0, f"context is {MODEL['block_size']}"),
 ])
 def test_bad_attention_inputs_give_a_message(handlers, prompt, layer, head, message):
     with pytest.warns(UserWarning, match=re.escape(message)):  # the toast, as above
@@ -136,8 +131,9 @@ def test_request_models_share_weights_but_not_caches(loaded):
 
 def test_model_card_describes_the_checkpoint(loaded):
     card = model_card(loaded)
-    for needle in ("parameters", f"{loaded.model.num_params():,}", "characters (65 symbols)", "training steps",
-                   "| 40 |", "val loss", "context (block_size) | 32", "layers | 2"):
+    for needle in ("parameters", f"{loaded.model.num_params():,}", "characters (65 symbols)",
+                   f"| training steps | {DEBUG_CONFIG['trainer']['max_steps']} |", "val loss",
+                   f"| context (block_size) | {MODEL['block_size']} |", f"| layers | {MODEL['n_layer']} |"):
         assert needle in card, needle
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from project.model import GPTConfig
-from project.module import GPTModule, warmup_cosine
+from project.module import GPTModule
+from project.optim import build_optimizer, warmup_cosine
 
 
 def tiny_module(**kwargs) -> GPTModule:
@@ -34,18 +35,13 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_weight_decay_only_on_matrices():
-    module = tiny_module(weight_decay=0.1)
-
-    class FakeTrainer:
-        estimated_stepping_batches = 100
-
-    module._trainer = FakeTrainer()
-    optimizer = module.configure_optimizers()["optimizer"]
+    model = tiny_module().model
+    optimizer, _ = build_optimizer(model, total_steps=100, weight_decay=0.1)
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     n_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    assert n_params == module.model.num_params()
+    assert n_params == model.num_params()
 
 
 def test_validation_metrics_are_loss_perplexity_and_bits_per_byte():

@@ -8,25 +8,20 @@ a subprocess: strategy=ddp launched inside pytest would re-run the whole pytest 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import LightningModule
 
+from project.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from project.checkpoint import load_checkpoint
 from project.model import GPT, GPTConfig
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, free_port, run_cli
 
 pytestmark = pytest.mark.distributed
 
 TINY = dict(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batch(seed: int = 0, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +88,13 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
             torch.nn.functional.cross_entropy(fsdp(x[half]).flatten(0, 1), y[half].flatten()).backward()
             results[f"fsdp_grad_{mlp}"] = max((p.grad.full_tensor() - ref_grads[n]).abs().max().item()
                                               for n, p in fsdp.named_parameters())
-            clip_grad_norm_(fsdp.parameters(), 1e9)  # runs on DTensors; returns the global norm
+            # clipping at half the reference norm: every rank computes the global norm, so the clipped
+            # gradients equal the reference's clipped by torch (a per-shard norm would scale each shard apart)
+            ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref_grads.values()]))
+            norm = clip_grad_norm_(fsdp.parameters(), ref_norm.item() / 2)
+            results[f"fsdp_gradnorm_{mlp}"] = abs(norm.item() - ref_norm.item())
+            results[f"fsdp_clipped_{mlp}"] = max((p.grad.full_tensor() - ref_grads[n] / 2).abs().max().item()
+                                                 for n, p in fsdp.named_parameters())
             with torch.no_grad():
                 results[f"fsdp_logits_{mlp}"] = (fsdp(x) - ref_logits).abs().max().item()
             save_like_lightning(fsdp, out / f"fsdp_{mlp}", config, rank)
@@ -107,10 +108,11 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
             results[f"tp_grad_{mlp}"] = max(
                 ((p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) - ref_grads[n]).abs().max().item()
                 for n, p in tp.named_parameters())
-            norm = clip_grad_norm_(tp.parameters(), 1e9)
-            ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for n, g in ref_grads.items()
-                                                             if n != "lm_head.weight" or not config.tie_embeddings]))
+            norm = clip_grad_norm_(tp.parameters(), ref_norm.item() / 2)
             results[f"tp_gradnorm_{mlp}"] = abs(norm.item() - ref_norm.item())
+            full_grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                          for n, p in tp.named_parameters()}
+            results[f"tp_clipped_{mlp}"] = max((g - ref_grads[n] / 2).abs().max().item() for n, g in full_grads.items())
             save_like_lightning(tp, out / f"tp_{mlp}", config, rank)
         if rank == 0:
             torch.save(results, out / "results.pt")
@@ -159,10 +161,10 @@ def test_model_parallel_fit_then_consolidate(tmp_path, data_dir, data_parallel, 
         "fit", *common, "--config", str(REPO / "configs" / "strategy" / "tp.yaml"), "--trainer.accelerator", "cpu",
         "--trainer.devices", "2", "--trainer.strategy.data_parallel_size", str(data_parallel),
         "--trainer.strategy.tensor_parallel_size", str(tensor_parallel), "--trainer.max_steps", "4",
-        "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2", "--samples.max_new_tokens", "0",
-        cwd=tmp_path, timeout=240,
+        "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2", cwd=tmp_path, timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "no text samples are logged: ModelParallelStrategy shards the weights" in result.stderr
     folder = tmp_path / "runs" / "gpt" / "version_0" / "checkpoints" / "last.ckpt"
     assert folder.is_dir() and (folder / "meta.pt").is_file()
 
@@ -217,3 +219,77 @@ def test_tensor_parallel_ranks_read_the_same_training_batches(data_dir):
     ddp = [{"num_replicas": 2, "rank": r} for r in (0, 1)]  # DDP: dp rank == global rank, distinct streams
     assert not torch.equal(first_batch(0, ddp[0]), first_batch(1, ddp[1]))
     assert torch.equal(first_batch(0, None), first_batch(0, ddp[0]))  # single device: rank 0
+
+
+
+class NonFiniteOnOneRank(LightningModule):
+    """A linear model whose loss is NaN on rank 1 only, at `nan_steps`."""
+
+    def __init__(self, nan_steps: tuple[int, ...]) -> None:
+        super().__init__()
+        self.nan_steps = nan_steps
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        if self.global_rank == 1 and self.global_step in self.nan_steps:
+            loss = loss * float("nan")
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class RecordingGuard(NonFiniteLossGuard):
+    """NonFiniteLossGuard that, when it raises on a rank, first saves the error and that rank's weights to
+    <out>/rank<r>.pt (Lightning runs no on_exception hook inside spawned ranks)."""
+
+    def __init__(self, out: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.out = out
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        try:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        except NonFiniteLossError as error:
+            weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            torch.save({"error": str(error), "weights": weights}, Path(self.out) / f"rank{trainer.global_rank}.pt")
+            raise
+
+
+@pytest.mark.slow  # spawns 2 ranks, each importing Lightning
+def test_nan_guard_decides_on_every_rank_alike(tmp_path):
+    """2 gloo ranks, a NaN loss on rank 1 alone at steps 1 and 3, "skip" with one skip allowed: step 1 is
+    skipped on both ranks (the replicas stay equal), step 3 stops both (none is left waiting for the other)."""
+    from datetime import timedelta
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.utils.data import DataLoader, TensorDataset
+
+    module = NonFiniteOnOneRank(nan_steps=(1, 3))
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))  # a rank left waiting times out
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=6, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[RecordingGuard(str(tmp_path), action="skip", max_skips=1)])
+    with pytest.raises(Exception, match="non-finite training loss at step 3"):
+        trainer.fit(module, DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=2))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["error"].startswith("non-finite training loss at step 3")
+        assert "1 batches were skipped" in rank["error"]
+    for name, value in ranks[0]["weights"].items():
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(ranks[1]["weights"][name], value, atol=0, rtol=0)
+
+
+def test_text_samples_are_skipped_with_a_reason_under_sharding_strategies():
+    """Rank 0 generating alone through sharded weights would wait forever for the other ranks' all-gathers."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+    from project.callbacks import sample_skip_reason
+
+    for sharded in (FSDPStrategy(), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)):
+        assert "rank 0 alone cannot run the model" in sample_skip_reason(sharded)
+    assert sample_skip_reason(DDPStrategy()) is None  # every rank holds the whole model
+    assert sample_skip_reason(SingleDeviceStrategy(torch.device("cpu"))) is None

@@ -15,10 +15,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, run_cli
+from conftest import DEBUG_CONFIG, REPO, run_cli
 from project.cli import main
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
+CONTEXT = DEBUG_CONFIG["model"]["config"]["block_size"]  # of the trained_run checkpoint
 # a tiny run that logs the loss every step, with dropout on so the RNG state matters on resume
 FAST = ["--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false", "--model.config.dropout", "0.1",
         "--samples.max_new_tokens", "4", "--trainer.val_check_interval", "10"]
@@ -165,7 +166,7 @@ BAD_INPUTS = {
     "truncated-ckpt-generate": (["generate", "--ckpt_path", "{tmp}/half.ckpt"], "truncated"),
     "no-last-ckpt": (["fit", "--config", DEBUG, "--ckpt_path", "last"], "no last.ckpt"),
     "empty-prompt": (["generate", "--ckpt_path", "{ckpt}", "--prompt", ""], "prompt"),
-    "prompt-too-long": (["generate", "--ckpt_path", "{ckpt}", "--prompt", "x" * 40], "shorten the prompt"),
+    "prompt-too-long": (["generate", "--ckpt_path", "{ckpt}", "--prompt", "x" * (CONTEXT + 8)], "shorten the prompt"),
     "temperature": (["generate", "--ckpt_path", "{ckpt}", "--temperature", "-1"], "temperature must be >= 0"),
     "top_p": (["generate", "--ckpt_path", "{ckpt}", "--top_p", "1.5"], "top_p must be in (0, 1]"),
     "generate-wrong-type": (["generate", "--ckpt_path", "{ckpt}", "--max_new_tokens", "many"], "max_new_tokens"),
@@ -209,7 +210,7 @@ def test_compiled_model_checkpoints_load_into_an_uncompiled_model(trained_run):
     from project.model import GPTConfig
     from project.module import GPTModule
 
-    config = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    config = GPTConfig(vocab_size=65, **DEBUG_CONFIG["model"]["config"])  # trained_run's architecture
     compiled, plain = GPTModule(config, compile=True), GPTModule(config)
     compiled.configure_model()
     assert list(compiled.state_dict()) == list(plain.state_dict())
