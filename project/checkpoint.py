@@ -106,8 +106,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     return LoadedCheckpoint(model, tokenizer, Path(path), checkpoint.get("global_step", 0), metrics)
 
 
-def consolidate_checkpoint(*, ckpt_path: str, out: str) -> None:
-    """Turn a distributed (DCP) checkpoint folder into one single-device .ckpt file.
+def consolidate_checkpoint(*, ckpt_path: str, out: str) -> Path:
+    """Turn a distributed (DCP) checkpoint folder into one single-device .ckpt file, and return its path.
 
     The file holds everything the folder does, gathered into full tensors: weights, optimizer state,
     LR schedule and loop state, hyperparameters and tokenizer. So `predict --ckpt_path`, `generate` and
@@ -138,7 +138,7 @@ def consolidate_checkpoint(*, ckpt_path: str, out: str) -> None:
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"consolidated {ckpt_path} -> {target}")
+    return target
 
 
 def optimizer_state_by_position(state: dict) -> dict:

@@ -1,43 +1,31 @@
-"""Command line: LightningCLI for fit/validate/test/predict, plus the project's own commands.
+"""LightningCLI for fit/validate/test/predict: the always-on callbacks, argument links and checkpoint checks.
 
     python -m project fit --config configs/shakespeare.yaml      (any Trainer flag: --trainer.devices 2 ...)
     python -m project predict --config configs/shakespeare.yaml --ckpt_path runs/.../last.ckpt
-    python -m project generate --ckpt_path runs/.../last.ckpt --prompt "ROMEO:" --stream true
+
+project/commands.py dispatches to `run_lightning` and turns the errors raised here into one-line messages.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from jsonargparse import ArgumentParser, auto_cli
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from project.checkpoint import consolidate_checkpoint, read_checkpoint
+from project.checkpoint import read_checkpoint
 from project.callbacks import (GPTCheckpoint, NonFiniteLossGuard, PredictionWriter, TextSampleCallback,
                                TokenThroughputMonitor)
 from project.data import TextDataModule
-from project.hf import export_command
-from project.app import serve_command  # imports gradio only when the app is built
 from project.module import VAL_LOSS, GPTModule
-from project.streaming import prepare_corpus  # imports litdata only when it runs
 
-# errors that carry a message meant for the user: printed as one line, exit status 1
-USER_ERRORS = (ValueError, ConnectionError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+PROG = "python -m project"  # the name usage lines show (the `gpt` script runs the same commands)
 
 
 class OneLineErrorParser(LightningArgumentParser):
-    """Argument errors end stderr with one line (`error: Parser key "model.config.n_layer": Expected ...`)."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        return super().error(" ".join(str(message).split()), ex)
-
-
-class OneLineCommandParser(ArgumentParser):
-    """The same one-line argument errors for generate/export/serve/consolidate."""
+    """Argument errors end stderr with one line (`error: Parser key "model.config.n_layer": Expected ...`),
+    for LightningCLI's commands and the project's own alike."""
 
     def error(self, message: str, ex: Exception | None = None):
         return super().error(" ".join(str(message).split()), ex)
@@ -151,6 +139,7 @@ def resolve_last_checkpoint(config) -> None:
 
 
 def run_lightning(args: list[str] | None) -> None:
+    """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv)."""
     GPTCLI(
         GPTModule,
         TextDataModule,
@@ -162,75 +151,5 @@ def run_lightning(args: list[str] | None) -> None:
         },
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "prog": PROG},
     )
-
-
-def generate_command(
-    *,
-    ckpt_path: str,
-    prompt: str = "\n",
-    max_new_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int | None = 200,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop: list[str] | None = None,
-    stream: bool = False,
-    device: str = "cpu",
-) -> None:
-    """Generate text from a checkpoint and print it (as it is produced with --stream true).
-
-    Args:
-        ckpt_path: a .ckpt written by `python -m project fit`, a distributed checkpoint folder, or a
-            transformers directory written by `python -m project export`.
-        prompt: text to continue.
-        max_new_tokens: tokens to generate at most.
-        temperature: 0 = greedy; lower is more conservative.
-        top_k: sample among the k most likely tokens (None = all).
-        top_p: sample within this much probability mass (None = all).
-        seed: fix the random choices for reproducible text.
-        stop: stop at any of these strings.
-        stream: print text as it is generated.
-        device: torch device, e.g. cpu or cuda.
-    """
-    from project.checkpoint import load_model
-    from project.generate import GenerationSettings, stream as stream_text
-
-    loaded = load_model(ckpt_path, device=device)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, seed=seed, stop=stop or [])
-    pieces = stream_text(loaded.model, loaded.tokenizer, prompt, settings)
-    first = next(pieces, "")  # checks the prompt and settings before anything is printed
-    sys.stdout.write(prompt + first)
-    for piece in pieces:
-        sys.stdout.write(piece)
-        if stream:
-            sys.stdout.flush()
-    sys.stdout.write("\n")
-
-
-# the project's own commands, beside LightningCLI's fit/validate/test/predict
-COMMANDS: dict[str, Callable[..., None]] = {
-    "generate": generate_command,
-    "export": export_command,  # checkpoint -> Hugging Face transformers directory (project/hf.py)
-    "consolidate": consolidate_checkpoint,  # DCP folder (ModelParallelStrategy) -> single .ckpt
-    "serve": serve_command,  # Gradio app: generate with streaming, attention view (project/app.py)
-    "prepare": prepare_corpus,  # folder of .txt/.parquet -> litdata token chunks for --data.streaming_dir
-}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of `python -m project`."""
-    words = sys.argv[1:] if argv is None else argv
-    try:
-        if words and words[0] in COMMANDS:
-            auto_cli(COMMANDS[words[0]], args=words[1:], prog=f"python -m project {words[0]}",
-                     parser_class=OneLineCommandParser)
-        else:
-            run_lightning(argv)  # None: LightningCLI reads sys.argv itself
-    except USER_ERRORS as err:
-        if os.environ.get("PROJECT_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)

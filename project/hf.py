@@ -352,7 +352,7 @@ def to_hf_model(model: GPT, eos_token_id: int | None = None):
     """A transformers model (eval, float32 on CPU) holding exactly `model`'s weights."""
     transformers = _require_transformers()
     config = hf_config(model.config, eos_token_id)
-    cls = transformers.GPT2LMHeadModel if config.model_type == "gpt2" else transformers.LlamaForCausalLM
+    cls = getattr(transformers, hf_architecture(model.config))
     hf = cls(config)
     state = {k: v.to("cpu", torch.float32) for k, v in to_hf_state_dict(model).items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
@@ -384,14 +384,25 @@ def _patch_json(path: Path, **values) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write `model` and `tokenizer` as a transformers directory: config.json, model.safetensors,
-    generation_config.json and tokenizer files. An existing non-empty `out` needs `overwrite`."""
+def check_export_target(out: str | Path, overwrite: bool) -> Path:
+    """`out` as a Path, checked to be a directory to write into: absent, empty, or `overwrite` allowed."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file: pass a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory {out} is not empty: pass --overwrite true to replace its contents")
+    return out
+
+
+def hf_architecture(config: GPTConfig) -> str:
+    """The transformers model class an export of `config` uses: GPT2LMHeadModel or LlamaForCausalLM."""
+    return "GPT2LMHeadModel" if hf_family(config) == "gpt2" else "LlamaForCausalLM"
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `model` and `tokenizer` as a transformers directory: config.json, model.safetensors,
+    generation_config.json and tokenizer files. An existing non-empty `out` needs `overwrite`."""
+    out = check_export_target(out, overwrite)
     hf_family(model.config)  # refuse an unsupported architecture before any work
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
@@ -423,25 +434,3 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: b
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def export_command(*, ckpt_path: str, out: str, overwrite: bool = False) -> None:
-    """Export a checkpoint to a Hugging Face transformers directory (GPT-2 or Llama architecture).
-
-    The directory loads with AutoModelForCausalLM / AutoTokenizer / pipeline("text-generation") and gives
-    the same logits as the checkpoint.
-
-    Args:
-        ckpt_path: a .ckpt written by `python -m project fit`.
-        out: the directory to write (config.json, model.safetensors, generation_config.json, tokenizer files).
-        overwrite: replace the files of an existing non-empty directory.
-    """
-    from project.checkpoint import load_checkpoint
-
-    out_path = Path(out)
-    if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:  # fail before loading anything
-        raise FileExistsError(f"output directory {out_path} is not empty: pass --overwrite true to replace its contents")
-    loaded = load_checkpoint(ckpt_path)
-    export_hf(loaded.model.float(), loaded.tokenizer, out_path, overwrite=overwrite)
-    family = hf_family(loaded.model.config)
-    print(f"exported {ckpt_path} as {'GPT2LMHeadModel' if family == 'gpt2' else 'LlamaForCausalLM'} to {out_path}")

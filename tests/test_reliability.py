@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, run_cli
-from project.cli import main
+from project.commands import main
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 # a tiny run that logs the loss every step, with dropout on so the RNG state matters on resume
