@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from project.checkpoint import LoadedCheckpoint
 from project.model import GPT, GPTConfig
 from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 
@@ -282,10 +281,10 @@ def gpt_from_hf(path: str | Path) -> GPT:
     return model.eval()
 
 
-def load_hf_directory(path: Path, device: str = "cpu") -> LoadedCheckpoint:
-    """An exported transformers directory: the weights through project.hf, the tokenizer from tokenizer.json
-    (a character vocabulary, or GPT-2 BPE, as `export` writes them)."""
-    model = gpt_from_hf(path).to(device).eval()
+def read_hf_directory(path: Path) -> tuple[GPT, Tokenizer]:
+    """The model (eval mode, on the CPU) and tokenizer of a transformers directory: the tokenizer from
+    tokenizer.json (a character vocabulary, or GPT-2 BPE, as `export` writes them)."""
+    model = gpt_from_hf(path)
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
         raise FileNotFoundError(f"{tok_file} is missing: pass a directory written by `python -m project export`")
@@ -303,7 +302,7 @@ def load_hf_directory(path: Path, device: str = "cpu") -> LoadedCheckpoint:
             raise ValueError(f"{tok_file} is neither a character vocabulary nor GPT-2 BPE: cannot serve it")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
-    return LoadedCheckpoint(model, tokenizer, path)
+    return model, tokenizer
 
 
 # --- tokenizers ------------------------------------------------------------------------------------------
