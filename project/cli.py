@@ -18,6 +18,7 @@ from project.checkpoint import read_checkpoint
 from project.callbacks import (GPTCheckpoint, NonFiniteLossGuard, PredictionWriter, TextSampleCallback,
                                TokenThroughputMonitor)
 from project.data import TextDataModule
+from project.model import GPTConfig, architecture_fields
 from project.module import VAL_LOSS, GPTModule
 
 PROG = "python -m project"  # the name usage lines show (the `gpt` script runs the same commands)
@@ -53,8 +54,9 @@ class GPTCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("model.config.block_size", "data.block_size")
 
-    def _parse_ckpt_path(self) -> None:
-        """Resolve `--ckpt_path last`, check the checkpoint, then let LightningCLI apply its hyperparameters."""
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Then resolve `--ckpt_path last` and check the checkpoint, before LightningCLI applies its hyperparameters."""
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
@@ -62,10 +64,8 @@ class GPTCLI(LightningCLI):
         if config.ckpt_path == "last":
             resolve_last_checkpoint(config)
         # a missing, truncated or foreign file: one-line error here, before anything is built
-        self._checkpoint = read_checkpoint(config.ckpt_path)
-        defaults = self.parser._subcommands_action._name_parser_map[subcommand].get_defaults()
-        check_architecture(config, defaults, self._checkpoint, config.ckpt_path)
-        super()._parse_ckpt_path()
+        self.checkpoint = read_checkpoint(config.ckpt_path)
+        check_architecture(config, self.checkpoint, config.ckpt_path)
 
     def before_instantiate_classes(self) -> None:
         """A character model's vocabulary comes from its checkpoint, so resuming or predicting needs no corpus."""
@@ -73,27 +73,26 @@ class GPTCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if config.data.tokenizer != "char" or config.data.vocabulary or not ckpt_path or not Path(ckpt_path).is_file():
             return
-        checkpoint = getattr(self, "_checkpoint", None) or read_checkpoint(ckpt_path)
+        checkpoint = getattr(self, "checkpoint", None) or read_checkpoint(ckpt_path)
         state = checkpoint.get("tokenizer", {})
         if state.get("kind") == "char":
             config.data.vocabulary = state["chars"]
 
 
-# GPTConfig fields that shape the weights: a config asking for other values than the checkpoint's is an error
-# (LightningCLI would otherwise replace them silently with the checkpoint's)
-ARCHITECTURE_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "bias", "positions", "norm", "mlp",
-                     "mlp_hidden", "tie_embeddings")
+def check_architecture(config, checkpoint: dict, ckpt_path: str) -> None:
+    """ValueError when the config sets an architecture value (`architecture_fields`) other than the checkpoint's.
 
-
-def check_architecture(config, defaults, checkpoint: dict, ckpt_path: str) -> None:
-    """ValueError when the config explicitly sets an architecture value that differs from the checkpoint's."""
+    A value equal to GPTConfig's default counts as not set: LightningCLI then takes the checkpoint's (it
+    would also replace a value that is set, silently, which is why this check exists).
+    """
     saved = (checkpoint.get("hyper_parameters") or {}).get("config")
     if not isinstance(saved, dict):
         return
-    for key in ARCHITECTURE_KEYS:
-        asked, default = config.get(f"model.config.{key}"), defaults.get(f"model.config.{key}")
-        if key not in saved or asked == saved[key] or asked == default:
-            continue  # matches, or not set by the user (LightningCLI then takes the checkpoint's)
+    defaults = GPTConfig()
+    for key in architecture_fields():
+        asked = config.get(f"model.config.{key}")
+        if key not in saved or asked is None or asked == saved[key] or asked == getattr(defaults, key):
+            continue  # not set (or linked from the data, as vocab_size), or the checkpoint's value
         if key == "block_size" and asked > saved[key]:
             raise ValueError(
                 f"--model.config.block_size {asked} is larger than the context of checkpoint {ckpt_path} "
@@ -148,6 +147,7 @@ def run_lightning(args: list[str] | None) -> None:
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": "runs", "name": "gpt"}},
             "gradient_clip_val": 1.0,
+            "plugins": [{"class_path": "project.callbacks.AtomicCheckpointIO"}],  # checkpoint files written atomically
         },
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from project.model import GPT, GPTConfig
+from project.model import GPT, GPTConfig, architecture_fields
 from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 
 GPT2_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}  # ours -> transformers, bit-identical ops
@@ -34,8 +34,6 @@ GPT2_ACTIVATIONS_IN = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fa
 LLAMA_NAMES = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q_proj": "self_attn.q_proj",
                "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj", "attn.proj": "self_attn.o_proj",
                "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
-CONFIG_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "kv_heads", "bias", "positions", "rope_base", "norm",
-                 "norm_eps", "mlp", "hidden_dim", "gelu_approximate", "tie_embeddings")
 
 
 def _require_transformers():
@@ -242,6 +240,19 @@ def read_hf_config(path: str | Path):
     return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
+def weight_defining_values(config: GPTConfig) -> dict:
+    """The architecture values two configs must share for one's weights to load into the other: every
+    architecture field with defaults resolved, except block_size (a shorter context may load a longer one's
+    weights) and the options the recipe does not use (rope_base without rope, gelu_approximate without gelu)."""
+    values = {name: getattr(config, name) for name in architecture_fields() if name != "block_size"}
+    values.update(n_kv_head=config.kv_heads, mlp_hidden=config.hidden_dim)
+    if config.positions != "rope":
+        del values["rope_base"]
+    if config.mlp != "gelu":
+        del values["gelu_approximate"]
+    return values
+
+
 def load_hf_weights(model: GPT, path: str | Path) -> None:
     """Copy the weights of a local transformers GPT-2/Llama directory into `model`, whose architecture must match.
 
@@ -251,12 +262,9 @@ def load_hf_weights(model: GPT, path: str | Path) -> None:
     hf = read_hf_config(path)
     theirs = config_from_hf(hf)
     ours = model.config
-    diffs = [f"{name}={getattr(ours, name)!r} (HF: {getattr(theirs, name)!r})" for name in CONFIG_FIELDS
-             if name not in ("rope_base", "gelu_approximate") and getattr(ours, name) != getattr(theirs, name)]
-    if ours.positions == theirs.positions == "rope" and ours.rope_base != theirs.rope_base:
-        diffs.append(f"rope_base={ours.rope_base!r} (HF: {theirs.rope_base!r})")
-    if ours.mlp == theirs.mlp == "gelu" and ours.gelu_approximate != theirs.gelu_approximate:
-        diffs.append(f"gelu_approximate={ours.gelu_approximate!r} (HF: {theirs.gelu_approximate!r})")
+    mine, other = weight_defining_values(ours), weight_defining_values(theirs)
+    diffs = [f"{name}={mine.get(name)!r} (HF: {other.get(name)!r})" for name in mine | other
+             if mine.get(name) != other.get(name)]
     if ours.positions == theirs.positions == "learned" and ours.block_size > theirs.block_size:
         diffs.append(f"block_size={ours.block_size} (HF has only {theirs.block_size} positions)")
     if diffs:
@@ -318,16 +326,20 @@ def hf_tokenizer(tokenizer: Tokenizer, model_max_length: int | None = None):
     if isinstance(tokenizer, TiktokenTokenizer):
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
+        from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
+
         enc = tokenizer.encoding
-        ranks = enc._mergeable_ranks
+        if enc.name not in ENCODING_CONSTRUCTORS:
+            raise ValueError(f"cannot export tiktoken encoding {enc.name!r}: only OpenAI's public encodings")
+        spec = ENCODING_CONSTRUCTORS[enc.name]()  # the constructor's arguments: pat_str, mergeable_ranks, ...
 
         class RanksConverter(TikTokenConverter):
-            # the ranks tiktoken itself uses, not a file looked up (or downloaded) again
+            # the ranks tiktoken itself uses (from its cache), not a file looked up (or downloaded) again
             def load_tiktoken_bpe(self, _vocab_file):
-                return ranks
+                return spec["mergeable_ranks"]
 
-        backend = RanksConverter(vocab_file=enc.name, pattern=enc._pat_str,
-                                 extra_special_tokens=enc._special_tokens).converted()
+        backend = RanksConverter(vocab_file=enc.name, pattern=spec["pat_str"],
+                                 extra_special_tokens=spec["special_tokens"]).converted()
         special = {}
         if tokenizer.eot_id is not None:
             eot = enc.decode([tokenizer.eot_id])
