@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,11 +32,36 @@ from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 
 GPT2_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}  # ours -> transformers, bit-identical ops
 GPT2_ACTIVATIONS_IN = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
-# our block's submodule names -> LlamaDecoderLayer's (used in both directions)
-LLAMA_NAMES = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q_proj": "self_attn.q_proj",
-               "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj", "attn.proj": "self_attn.o_proj",
-               "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
 
+
+@dataclass(frozen=True)
+class WeightNames:
+    """How our module names map onto one transformers architecture; export and import both read it."""
+
+    top: dict[str, str]  # modules outside the blocks: ours -> theirs
+    block_prefix: str  # theirs, for block i (ours is "blocks.{i}.")
+    block: dict[str, str]  # modules inside each block: ours -> theirs
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # theirs -> ours, concatenated on dim 0
+    conv1d: bool = False  # their linear weights inside blocks are stored (in, out): transposed from ours
+
+
+WEIGHT_NAMES = {
+    "gpt2": WeightNames(
+        top={"wte": "transformer.wte", "wpe": "transformer.wpe", "norm": "transformer.ln_f", "lm_head": "lm_head"},
+        block_prefix="transformer.h.{i}.",
+        block={"norm1": "ln_1", "norm2": "ln_2", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc",
+               "mlp.proj": "mlp.c_proj"},
+        fused={"attn.c_attn": ("attn.q_proj", "attn.k_proj", "attn.v_proj")},
+        conv1d=True,
+    ),
+    "llama": WeightNames(  # our rotate-half rotary layout is transformers' too: q/k need no permutation
+        top={"wte": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"},
+        block_prefix="model.layers.{i}.",
+        block={"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q_proj": "self_attn.q_proj",
+               "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj", "attn.proj": "self_attn.o_proj",
+               "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj", "mlp.proj": "mlp.down_proj"},
+    ),
+}
 
 def _require_transformers():
     try:
@@ -143,71 +170,59 @@ def config_from_hf(hf) -> GPTConfig:
 # --- weights ---------------------------------------------------------------------------------------------
 
 
+def weight_pairs(names: WeightNames, n_layer: int) -> Iterator[tuple[str, str, bool]]:
+    """(our tensor name, theirs, in Conv1D layout?) for every weight and bias the table maps one to one."""
+    modules = [(ours, theirs, False) for ours, theirs in names.top.items()]
+    for i in range(n_layer):
+        prefix = names.block_prefix.format(i=i)
+        modules += [(f"blocks.{i}.{ours}", prefix + theirs, names.conv1d) for ours, theirs in names.block.items()]
+    for ours, theirs, conv1d in modules:
+        yield f"{ours}.weight", f"{theirs}.weight", conv1d
+        yield f"{ours}.bias", f"{theirs}.bias", False
+
+
+def fused_groups(names: WeightNames, n_layer: int) -> Iterator[tuple[str, list[str]]]:
+    """(their fused tensor name, our tensor names it concatenates) for each weight and bias of each block."""
+    for i in range(n_layer):
+        for theirs, ours in names.fused.items():
+            for kind in ("weight", "bias"):
+                yield f"{names.block_prefix.format(i=i)}{theirs}.{kind}", [f"blocks.{i}.{o}.{kind}" for o in ours]
+
+
+def conv1d_layout(tensor: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """A linear weight transposed between (out, in) and Conv1D's (in, out), when `conv1d`; vectors as they are.
+    The transpose is its own inverse, so export and import both call this."""
+    return tensor.t() if conv1d and tensor.ndim == 2 else tensor
+
+
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under transformers names and layouts (tied lm_head left out, as transformers saves it)."""
     cfg = model.config
+    names = WEIGHT_NAMES[hf_family(cfg)]
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
-    if hf_family(cfg) == "gpt2":
-        out["transformer.wte.weight"] = sd["wte.weight"]
-        out["transformer.wpe.weight"] = sd["wpe.weight"]
-        for i in range(cfg.n_layer):
-            b, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                out[h + theirs + ".weight"] = sd[b + ours + ".weight"]
-                out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
-            qkv = [f"{b}attn.{p}_proj" for p in "qkv"]
-            out[h + "attn.c_attn.weight"] = torch.cat([sd[p + ".weight"] for p in qkv], 0).t()
-            out[h + "attn.c_attn.bias"] = torch.cat([sd[p + ".bias"] for p in qkv], 0)
-            for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                out[h + theirs + ".weight"] = sd[b + ours + ".weight"].t()
-                out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
-        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
-    else:
-        out["model.embed_tokens.weight"] = sd["wte.weight"]
-        for i in range(cfg.n_layer):
-            for ours, theirs in LLAMA_NAMES.items():
-                for kind in ("weight", "bias"):
-                    if f"blocks.{i}.{ours}.{kind}" in sd:
-                        out[f"model.layers.{i}.{theirs}.{kind}"] = sd[f"blocks.{i}.{ours}.{kind}"]
-        out["model.norm.weight"] = sd["norm.weight"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+    if cfg.tie_embeddings:
+        del sd["lm_head.weight"]
+    out = {theirs: conv1d_layout(sd[ours], conv1d)
+           for ours, theirs, conv1d in weight_pairs(names, cfg.n_layer) if ours in sd}
+    for theirs, ours in fused_groups(names, cfg.n_layer):
+        if ours[0] in sd:
+            out[theirs] = conv1d_layout(torch.cat([sd[o] for o in ours], 0), names.conv1d)
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Our state dict from transformers weights (GPT-2 keys with or without the `transformer.` prefix)."""
-    out: dict[str, torch.Tensor] = {}
-    if hf_family(config) == "gpt2":
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-        out["wte.weight"], out["wpe.weight"] = state["wte.weight"], state["wpe.weight"]
-        C = config.n_embd
-        for i in range(config.n_layer):
-            b, h = f"blocks.{i}.", f"h.{i}."
-            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                out[b + ours + ".weight"] = state[h + theirs + ".weight"]
-                out[b + ours + ".bias"] = state[h + theirs + ".bias"]
-            w, bias = state[h + "attn.c_attn.weight"].t(), state[h + "attn.c_attn.bias"]
-            for j, p in enumerate("qkv"):
-                out[f"{b}attn.{p}_proj.weight"] = w[j * C:(j + 1) * C]
-                out[f"{b}attn.{p}_proj.bias"] = bias[j * C:(j + 1) * C]
-            for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                out[b + ours + ".weight"] = state[h + theirs + ".weight"].t()
-                out[b + ours + ".bias"] = state[h + theirs + ".bias"]
-        out["norm.weight"], out["norm.bias"] = state["ln_f.weight"], state["ln_f.bias"]
-    else:
-        out["wte.weight"] = state["model.embed_tokens.weight"]
-        for i in range(config.n_layer):
-            for ours, theirs in LLAMA_NAMES.items():
-                for kind in ("weight", "bias"):
-                    if f"model.layers.{i}.{theirs}.{kind}" in state:
-                        out[f"blocks.{i}.{ours}.{kind}"] = state[f"model.layers.{i}.{theirs}.{kind}"]
-        out["norm.weight"] = state["model.norm.weight"]
+    family = hf_family(config)
+    names = WEIGHT_NAMES[family]
+    if family == "gpt2":  # GPT2Model (no LM head) saves its keys without the prefix
+        state = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v for k, v in state.items()}
+    out = {ours: conv1d_layout(state[theirs], conv1d)
+           for ours, theirs, conv1d in weight_pairs(names, config.n_layer) if theirs in state}
+    for theirs, ours in fused_groups(names, config.n_layer):
+        if theirs in state:
+            out.update(zip(ours, conv1d_layout(state[theirs], names.conv1d).chunk(len(ours), 0)))
     if config.tie_embeddings:
         out["lm_head.weight"] = out["wte.weight"]
-    elif "lm_head.weight" in state:
-        out["lm_head.weight"] = state["lm_head.weight"]
     return {k: v.contiguous() for k, v in out.items()}
 
 
