@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor, TQDMProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -150,6 +150,57 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
             print(f"predictions written to {self.resolve_path(trainer)}", file=sys.stderr)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The training bar of a step-bound run (max_steps set, max_epochs not): optimizer steps out of max_steps,
+    the training loss and tokens/s, instead of Lightning's per-epoch batches and logger version (v_num).
+
+    Args:
+        refresh_rate: update the bar every this many batches.
+    """
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.tokens_per_sec: float | None = None
+        self._last_batch_end: float | None = None
+
+    @staticmethod
+    def step_bound(trainer: Trainer) -> bool:
+        return trainer.max_epochs in (None, -1) and trainer.max_steps > 0
+
+    def on_train_epoch_start(self, trainer: Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if self.step_bound(trainer):
+            self.train_progress_bar.reset(total=trainer.max_steps)
+            self.train_progress_bar.update(trainer.global_step)  # a resumed run starts where it stopped
+            self.train_progress_bar.set_description("Training steps")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if not self.step_bound(trainer):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.count_tokens(batch[0].numel() * trainer.world_size)
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable and (batch_idx + 1) % self.refresh_rate == 0:
+            bar.update(trainer.global_step - bar.n)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def count_tokens(self, tokens: int) -> None:
+        """One batch's tokens (all ranks): tokens/s from the end of the previous batch to now (the first batch,
+        with its start-up work, only starts the clock)."""
+        now = time.perf_counter()
+        if self._last_batch_end is not None and now > self._last_batch_end:
+            self.tokens_per_sec = tokens / (now - self._last_batch_end)
+        self._last_batch_end = now
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        if not self.step_bound(trainer):
+            return metrics
+        metrics.pop("v_num", None)  # the logger's version: its folder name, not progress
+        if self.tokens_per_sec is not None:
+            metrics["tok/s"] = f"{self.tokens_per_sec:,.0f}"
+        return metrics
 
 
 class GPTCheckpoint(ModelCheckpoint):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -68,8 +69,10 @@ class GPTCLI(LightningCLI):
         check_architecture(config, self.checkpoint, config.ckpt_path)
 
     def before_instantiate_classes(self) -> None:
-        """A character model's vocabulary comes from its checkpoint, so resuming or predicting needs no corpus."""
+        """Show training progress in steps (StepProgressBar). A character model's vocabulary comes from its
+        checkpoint, so resuming or predicting needs no corpus."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        add_step_progress_bar(config.trainer)
         ckpt_path = config.get("ckpt_path")
         if config.data.tokenizer != "char" or config.data.vocabulary or not ckpt_path or not Path(ckpt_path).is_file():
             return
@@ -77,6 +80,18 @@ class GPTCLI(LightningCLI):
         state = checkpoint.get("tokenizer", {})
         if state.get("kind") == "char":
             config.data.vocabulary = state["chars"]
+
+
+def add_step_progress_bar(trainer_config) -> None:
+    """Add StepProgressBar to the Trainer's callbacks unless the bar is off or the config chose one."""
+    callbacks = trainer_config.get("callbacks") or []
+    if not isinstance(callbacks, list):
+        callbacks = [callbacks]
+    chosen = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
+    if trainer_config.get("enable_progress_bar") is False or chosen:
+        return
+    trainer_config.callbacks = [*callbacks, Namespace(class_path="project.callbacks.StepProgressBar",
+                                                      init_args=Namespace())]
 
 
 def check_architecture(config, checkpoint: dict, ckpt_path: str) -> None:
