@@ -1,5 +1,5 @@
-"""`python -m project fit|validate|test|predict|generate ...`"""
+"""`python -m project COMMAND ...`: see project/commands.py (`python -m project --help` lists the commands)."""
 
-from project.cli import main
+from project.commands import main
 
 main()

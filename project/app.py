@@ -20,7 +20,6 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from typing import TYPE_CHECKING
 
@@ -31,7 +30,7 @@ from project.generate import GenerationSettings, stream, validate_sampling
 from project.model import GPT
 from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 
-if TYPE_CHECKING:  # gradio and matplotlib are imported when the app is built, so `import project.cli` stays light
+if TYPE_CHECKING:  # gradio and matplotlib are imported when the app is built, so `import project.commands` stays light
     import gradio as gr
     from matplotlib.figure import Figure
 
@@ -322,34 +321,3 @@ def build_app(loaded: LoadedCheckpoint, *, max_prompt_chars: int = 2000, concurr
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
     demo.app_handlers = app  # the handlers, for tests and notebooks
     return demo
-
-
-def serve_command(
-    *,
-    ckpt_path: str,
-    host: str = "127.0.0.1",
-    port: int = 7860,
-    share: bool = False,
-    max_prompt_chars: int = 2000,
-    concurrency_limit: int = 2,
-    max_queue: int = 32,
-    device: str = "cpu",
-) -> None:
-    """Serve a Gradio app to sample from a model and view its attention.
-
-    Args:
-        ckpt_path: a .ckpt written by `python -m project fit`, or a directory written by `python -m project export`.
-        host: interface to listen on; 127.0.0.1 keeps the app on this machine (0.0.0.0 opens it to the network).
-        port: port to listen on.
-        share: also create a public gradio.live link (off unless asked for).
-        max_prompt_chars: longest prompt accepted, in characters.
-        concurrency_limit: requests processed at once; the rest wait in the queue.
-        max_queue: requests that may wait; beyond this the page asks to try again.
-        device: torch device, e.g. cpu or cuda.
-    """
-    if not 0 < port < 65536:
-        raise ValueError(f"port must be in 1..65535, got {port}")
-    loaded = load_model(ckpt_path, device=device)
-    demo = build_app(loaded, max_prompt_chars=max_prompt_chars, concurrency_limit=concurrency_limit,
-                     max_queue=max_queue)
-    demo.launch(server_name=host, server_port=port, share=share, show_error=False, ssr_mode=False)

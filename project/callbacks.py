@@ -1,10 +1,11 @@
-"""Cross-cutting training features as Lightning callbacks: text samples, throughput/MFU, prediction files."""
+"""Cross-cutting training features as Lightning callbacks: text samples, throughput/MFU, prediction files,
+checkpoints (with the atomic-write CheckpointIO plugin they are written through) and the NaN guard."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import random
 import statistics
 import sys
 import time
@@ -12,9 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ThroughputMonitor, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -93,20 +95,25 @@ class TokenThroughputMonitor(ThroughputMonitor):
     """
 
     def __init__(self, peak_flops: float | None = None, window_size: int = 20) -> None:
+        self.peak_flops, self.table_flops = peak_flops, None
         super().__init__(batch_size_fn=lambda batch: batch[0].size(0), length_fn=lambda batch: batch[0].numel(),
                          window_size=window_size)
-        self.peak_flops = peak_flops
+
+    # ThroughputMonitor.setup sets `available_flops` from Lightning's table of GPUs, then builds its
+    # Throughput meters from it: a known peak (given, or measured on a CPU) takes precedence over the table
+    @property
+    def available_flops(self) -> float | None:
+        return self.peak_flops if self.peak_flops is not None else self.table_flops
+
+    @available_flops.setter
+    def available_flops(self, value: float | None) -> None:
+        self.table_flops = value
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        peak = self.peak_flops
-        if peak is None and self.available_flops is None and trainer.strategy.root_device.type == "cpu":
+        if self.peak_flops is None and trainer.strategy.root_device.type == "cpu":  # no CPU in Lightning's table
             dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
-            peak = measure_matmul_flops(dtype)
-        if peak is not None:
-            self.available_flops = peak
-            for throughput in self._throughputs.values():
-                throughput.available_flops = peak
+            self.peak_flops = measure_matmul_flops(dtype)
+        super().setup(trainer, pl_module, stage)
 
     # prediction batches are prompts, not token windows: nothing to count
     def on_predict_start(self, *args, **kwargs) -> None:
@@ -159,14 +166,63 @@ class PredictionWriter(BasePredictionWriter):
             print(f"predictions written to {self.resolve_path(trainer)}", file=sys.stderr)
 
 
+class StepProgressBar(TQDMProgressBar):
+    """The training bar of a step-bound run (max_steps set, max_epochs not): optimizer steps out of max_steps,
+    the training loss and tokens/s, instead of Lightning's per-epoch batches and logger version (v_num).
+
+    Args:
+        refresh_rate: update the bar every this many batches.
+    """
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.tokens_per_sec: float | None = None
+        self._last_batch_end: float | None = None
+
+    @staticmethod
+    def step_bound(trainer: Trainer) -> bool:
+        return trainer.max_epochs in (None, -1) and trainer.max_steps > 0
+
+    def on_train_epoch_start(self, trainer: Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if self.step_bound(trainer):
+            self.train_progress_bar.reset(total=trainer.max_steps)
+            self.train_progress_bar.update(trainer.global_step)  # a resumed run starts where it stopped
+            self.train_progress_bar.set_description("Training steps")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if not self.step_bound(trainer):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.count_tokens(batch[0].numel() * trainer.world_size)
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable and (batch_idx + 1) % self.refresh_rate == 0:
+            bar.update(trainer.global_step - bar.n)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def count_tokens(self, tokens: int) -> None:
+        """One batch's tokens (all ranks): tokens/s from the end of the previous batch to now (the first batch,
+        with its start-up work, only starts the clock)."""
+        now = time.perf_counter()
+        if self._last_batch_end is not None and now > self._last_batch_end:
+            self.tokens_per_sec = tokens / (now - self._last_batch_end)
+        self._last_batch_end = now
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        if not self.step_bound(trainer):
+            return metrics
+        metrics.pop("v_num", None)  # the logger's version: its folder name, not progress
+        if self.tokens_per_sec is not None:
+            metrics["tok/s"] = f"{self.tokens_per_sec:,.0f}"
+        return metrics
+
+
 class GPTCheckpoint(ModelCheckpoint):
     """ModelCheckpoint (best by val/loss + last.ckpt) that also
 
     - refreshes last.ckpt every `last_every_n_steps` optimizer steps, independently of the monitored top-k
       (`every_n_train_steps` of ModelCheckpoint would save top-k files by a stale val/loss instead);
-    - writes every file atomically: to a hidden temporary file in the same folder, then os.replace, so a
-      kill mid-write leaves the previous complete file (Lightning's fsspec transaction stages the bytes in
-      the system temp dir and moves them, which is a plain copy when that dir is another filesystem);
+    - has its files written atomically by AtomicCheckpointIO, the plugin the CLI gives the Trainer;
     - saves last.ckpt on Ctrl-C (KeyboardInterrupt), so `--ckpt_path last` resumes where it stopped;
     - stores the RNG states (torch, numpy, python, CUDA), so dropout continues the same random stream.
 
@@ -207,39 +263,51 @@ class GPTCheckpoint(ModelCheckpoint):
                 print(f"interrupted at step {trainer.global_step}: saved {self.last_model_path}; "
                       "resume with --ckpt_path last", file=sys.stderr)
 
-    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
-        path = Path(filepath)
-        tmp = path.with_name(f".{path.name}.tmp")
-        trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank takes part (sharded strategies)
-        if trainer.is_global_zero and tmp.exists():
-            if tmp.is_dir() and path.is_dir():  # a distributed (DCP) folder cannot replace a folder atomically
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        trainer.strategy.barrier("GPTCheckpoint._save_checkpoint")
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.after_save_checkpoint(self)
-
     def state_dict(self) -> dict:
-        rng = _collect_rng_states(include_cuda=torch.cuda.is_available())
-        name, keys, pos, has_gauss, gauss = rng.pop("numpy")  # numpy arrays would need pickle: store a tensor
-        rng["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                        "has_gauss": int(has_gauss), "gauss": float(gauss)}
-        return {**super().state_dict(), "rng_states": rng}
+        return {**super().state_dict(), "rng_states": rng_states()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        rng = dict(state_dict.get("rng_states") or {})
-        if not rng:
-            return
-        if isinstance(rng.get("numpy"), dict):
-            n = rng["numpy"]
-            rng["numpy"] = (n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"])
-        if "torch.cuda" in rng and not torch.cuda.is_available():
-            rng.pop("torch.cuda")
-        _set_rng_states(rng)
+        if state_dict.get("rng_states"):
+            set_rng_states(state_dict["rng_states"])
+
+
+def rng_states() -> dict:
+    """The random states of torch, numpy, Python (and CUDA), in types `torch.load(weights_only=True)` reads."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # numpy arrays would need pickle: store a tensor
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what `rng_states` returned (CUDA states only where CUDA is available)."""
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+    if "torch.cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint file atomically: to a hidden temporary file in the same folder (named per
+    process), then os.replace, so a kill mid-write leaves the previous complete file. Lightning's own write
+    stages the bytes in the system temp dir and moves them, a plain copy when that is another filesystem.
+    Distributed (DCP) folders are written by the strategy itself, not through this plugin."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class NonFiniteLossGuard(Callback):

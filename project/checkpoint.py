@@ -1,6 +1,7 @@
 """Loading a trained model (weights, config and tokenizer) from a Lightning checkpoint, safely.
 
-Checkpoints are read with `torch.load(weights_only=True)`: only tensors and plain containers, never
+Also reads the transformers directories `python -m project export` writes (through project.hf, which
+knows that format both ways). Checkpoints are read with `torch.load(weights_only=True)`: only tensors and plain containers, never
 pickled code. Used by `generate`, `export`, `serve` and the notebooks. Distributed (DCP) checkpoint folders
 written under ModelParallelStrategy (configs/strategy/tp.yaml) are read too, or consolidated once into a
 single .ckpt (optimizer state included, so training resumes on one device) with
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from project.hf import read_hf_directory
 from project.model import GPT, GPTConfig
 from project.tokenizer import Tokenizer, tokenizer_from_state
 
@@ -106,8 +108,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     return LoadedCheckpoint(model, tokenizer, Path(path), checkpoint.get("global_step", 0), metrics)
 
 
-def consolidate_checkpoint(*, ckpt_path: str, out: str) -> None:
-    """Turn a distributed (DCP) checkpoint folder into one single-device .ckpt file.
+def consolidate_checkpoint(*, ckpt_path: str, out: str) -> Path:
+    """Turn a distributed (DCP) checkpoint folder into one single-device .ckpt file, and return its path.
 
     The file holds everything the folder does, gathered into full tensors: weights, optimizer state,
     LR schedule and loop state, hyperparameters and tokenizer. So `predict --ckpt_path`, `generate` and
@@ -138,7 +140,7 @@ def consolidate_checkpoint(*, ckpt_path: str, out: str) -> None:
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"consolidated {ckpt_path} -> {target}")
+    return target
 
 
 def optimizer_state_by_position(state: dict) -> dict:
@@ -156,11 +158,10 @@ def optimizer_state_by_position(state: dict) -> dict:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> LoadedCheckpoint:
-    """A .ckpt file or distributed checkpoint folder (project.checkpoint), or a transformers directory
-    written by `python -m project export` (project.hf)."""
+    """A .ckpt file or distributed checkpoint folder, or a transformers directory written by
+    `python -m project export` (read by project.hf)."""
     path = Path(path)
     if path.is_dir() and not is_distributed_checkpoint(path) and (path / "config.json").is_file():
-        from project.hf import load_hf_directory
-
-        return load_hf_directory(path, device)
+        model, tokenizer = read_hf_directory(path)
+        return LoadedCheckpoint(model.to(device), tokenizer, path)
     return load_checkpoint(path, device=device)

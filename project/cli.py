@@ -1,45 +1,33 @@
-"""Command line: LightningCLI for fit/validate/test/predict, plus the project's own commands.
+"""LightningCLI for fit/validate/test/predict: the always-on callbacks, argument links and checkpoint checks.
 
     python -m project fit --config configs/shakespeare.yaml      (any Trainer flag: --trainer.devices 2 ...)
     python -m project predict --config configs/shakespeare.yaml --ckpt_path runs/.../last.ckpt
-    python -m project generate --ckpt_path runs/.../last.ckpt --prompt "ROMEO:" --stream true
-    python -m project guide --out guide.pdf                      (the notebooks, executed, as one PDF)
+
+project/commands.py dispatches to `run_lightning` and turns the errors raised here into one-line messages.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from jsonargparse import ArgumentParser, auto_cli
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from project.checkpoint import consolidate_checkpoint, read_checkpoint
+from project.checkpoint import read_checkpoint
 from project.callbacks import (GPTCheckpoint, NonFiniteLossGuard, PredictionWriter, TextSampleCallback,
                                TokenThroughputMonitor)
 from project.data import TextDataModule
-from project.guide import NOTEBOOK_DIR, Chapter, build_guide  # imports nbclient/nbconvert only when it runs
-from project.hf import export_command
-from project.app import serve_command  # imports gradio only when the app is built
+from project.model import GPTConfig, architecture_fields
 from project.module import VAL_LOSS, GPTModule
-from project.streaming import prepare_corpus  # imports litdata only when it runs
 
-# errors that carry a message meant for the user: printed as one line, exit status 1
-USER_ERRORS = (ValueError, ConnectionError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError)
+PROG = "python -m project"  # the name usage lines show (the `gpt` script runs the same commands)
 
 
 class OneLineErrorParser(LightningArgumentParser):
-    """Argument errors end stderr with one line (`error: Parser key "model.config.n_layer": Expected ...`)."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        return super().error(" ".join(str(message).split()), ex)
-
-
-class OneLineCommandParser(ArgumentParser):
-    """The same one-line argument errors for generate/export/serve/consolidate."""
+    """Argument errors end stderr with one line (`error: Parser key "model.config.n_layer": Expected ...`),
+    for LightningCLI's commands and the project's own alike."""
 
     def error(self, message: str, ex: Exception | None = None):
         return super().error(" ".join(str(message).split()), ex)
@@ -67,8 +55,9 @@ class GPTCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("model.config.block_size", "data.block_size")
 
-    def _parse_ckpt_path(self) -> None:
-        """Resolve `--ckpt_path last`, check the checkpoint, then let LightningCLI apply its hyperparameters."""
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Then resolve `--ckpt_path last` and check the checkpoint, before LightningCLI applies its hyperparameters."""
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
@@ -76,38 +65,49 @@ class GPTCLI(LightningCLI):
         if config.ckpt_path == "last":
             resolve_last_checkpoint(config)
         # a missing, truncated or foreign file: one-line error here, before anything is built
-        self._checkpoint = read_checkpoint(config.ckpt_path)
-        defaults = self.parser._subcommands_action._name_parser_map[subcommand].get_defaults()
-        check_architecture(config, defaults, self._checkpoint, config.ckpt_path)
-        super()._parse_ckpt_path()
+        self.checkpoint = read_checkpoint(config.ckpt_path)
+        check_architecture(config, self.checkpoint, config.ckpt_path)
 
     def before_instantiate_classes(self) -> None:
-        """A character model's vocabulary comes from its checkpoint, so resuming or predicting needs no corpus."""
+        """Show training progress in steps (StepProgressBar). A character model's vocabulary comes from its
+        checkpoint, so resuming or predicting needs no corpus."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        add_step_progress_bar(config.trainer)
         ckpt_path = config.get("ckpt_path")
         if config.data.tokenizer != "char" or config.data.vocabulary or not ckpt_path or not Path(ckpt_path).is_file():
             return
-        checkpoint = getattr(self, "_checkpoint", None) or read_checkpoint(ckpt_path)
+        checkpoint = getattr(self, "checkpoint", None) or read_checkpoint(ckpt_path)
         state = checkpoint.get("tokenizer", {})
         if state.get("kind") == "char":
             config.data.vocabulary = state["chars"]
 
 
-# GPTConfig fields that shape the weights: a config asking for other values than the checkpoint's is an error
-# (LightningCLI would otherwise replace them silently with the checkpoint's)
-ARCHITECTURE_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "bias", "positions", "norm", "mlp",
-                     "mlp_hidden", "tie_embeddings")
+def add_step_progress_bar(trainer_config) -> None:
+    """Add StepProgressBar to the Trainer's callbacks unless the bar is off or the config chose one."""
+    callbacks = trainer_config.get("callbacks") or []
+    if not isinstance(callbacks, list):
+        callbacks = [callbacks]
+    chosen = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
+    if trainer_config.get("enable_progress_bar") is False or chosen:
+        return
+    trainer_config.callbacks = [*callbacks, Namespace(class_path="project.callbacks.StepProgressBar",
+                                                      init_args=Namespace())]
 
 
-def check_architecture(config, defaults, checkpoint: dict, ckpt_path: str) -> None:
-    """ValueError when the config explicitly sets an architecture value that differs from the checkpoint's."""
+def check_architecture(config, checkpoint: dict, ckpt_path: str) -> None:
+    """ValueError when the config sets an architecture value (`architecture_fields`) other than the checkpoint's.
+
+    A value equal to GPTConfig's default counts as not set: LightningCLI then takes the checkpoint's (it
+    would also replace a value that is set, silently, which is why this check exists).
+    """
     saved = (checkpoint.get("hyper_parameters") or {}).get("config")
     if not isinstance(saved, dict):
         return
-    for key in ARCHITECTURE_KEYS:
-        asked, default = config.get(f"model.config.{key}"), defaults.get(f"model.config.{key}")
-        if key not in saved or asked == saved[key] or asked == default:
-            continue  # matches, or not set by the user (LightningCLI then takes the checkpoint's)
+    defaults = GPTConfig()
+    for key in architecture_fields():
+        asked = config.get(f"model.config.{key}")
+        if key not in saved or asked is None or asked == saved[key] or asked == getattr(defaults, key):
+            continue  # not set (or linked from the data, as vocab_size), or the checkpoint's value
         if key == "block_size" and asked > saved[key]:
             raise ValueError(
                 f"--model.config.block_size {asked} is larger than the context of checkpoint {ckpt_path} "
@@ -153,6 +153,7 @@ def resolve_last_checkpoint(config) -> None:
 
 
 def run_lightning(args: list[str] | None) -> None:
+    """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv)."""
     GPTCLI(
         GPTModule,
         TextDataModule,
@@ -161,107 +162,9 @@ def run_lightning(args: list[str] | None) -> None:
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": "runs", "name": "gpt"}},
             "gradient_clip_val": 1.0,
+            "plugins": [{"class_path": "project.callbacks.AtomicCheckpointIO"}],  # checkpoint files written atomically
         },
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "prog": PROG},
     )
-
-
-def generate_command(
-    *,
-    ckpt_path: str,
-    prompt: str = "\n",
-    max_new_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int | None = 200,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop: list[str] | None = None,
-    stream: bool = False,
-    device: str = "cpu",
-) -> None:
-    """Generate text from a checkpoint and print it (as it is produced with --stream true).
-
-    Args:
-        ckpt_path: a .ckpt written by `python -m project fit`, a distributed checkpoint folder, or a
-            transformers directory written by `python -m project export`.
-        prompt: text to continue.
-        max_new_tokens: tokens to generate at most.
-        temperature: 0 = greedy; lower is more conservative.
-        top_k: sample among the k most likely tokens (None = all).
-        top_p: sample within this much probability mass (None = all).
-        seed: fix the random choices for reproducible text.
-        stop: stop at any of these strings.
-        stream: print text as it is generated.
-        device: torch device, e.g. cpu or cuda.
-    """
-    from project.checkpoint import load_model
-    from project.generate import GenerationSettings, stream as stream_text
-
-    loaded = load_model(ckpt_path, device=device)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, seed=seed, stop=stop or [])
-    pieces = stream_text(loaded.model, loaded.tokenizer, prompt, settings)
-    first = next(pieces, "")  # checks the prompt and settings before anything is printed
-    sys.stdout.write(prompt + first)
-    for piece in pieces:
-        sys.stdout.write(piece)
-        if stream:
-            sys.stdout.flush()
-    sys.stdout.write("\n")
-
-
-def guide_command(
-    *,
-    out: str = "guide.pdf",
-    notebooks: str | None = None,
-    notebook_dir: str = str(NOTEBOOK_DIR),
-    timeout: int = 600,
-    chromium: str | None = None,
-) -> None:
-    """Execute the guide's notebooks and print them as one PDF (title page, contents, chapters, appendix).
-
-    Args:
-        out: the PDF to write.
-        notebooks: a subset, comma-separated names or prefixes, e.g. 03,appendix (default: every notebook, in
-            file-name order).
-        notebook_dir: the folder of notebooks.
-        timeout: seconds each cell may run.
-        chromium: the Chromium executable that prints the pages (default: chromium on PATH).
-    """
-    def done(chapter: Chapter) -> None:
-        print(f"{chapter.notebook.name}: {chapter.pages} pages, executed in {chapter.execute_seconds:.0f} s",
-              file=sys.stderr)
-
-    names = [name.strip() for name in notebooks.split(",") if name.strip()] if notebooks else None
-    report = build_guide(Path(out), Path(notebook_dir), names, timeout, chromium, on_chapter=done)
-    print(f"wrote {report.out}: {report.pages} pages, {len(report.chapters)} chapters "
-          f"(executed in {report.execute_seconds:.0f} s, printed in {report.render_seconds:.0f} s)")
-
-
-# the project's own commands, beside LightningCLI's fit/validate/test/predict
-COMMANDS: dict[str, Callable[..., None]] = {
-    "generate": generate_command,
-    "export": export_command,  # checkpoint -> Hugging Face transformers directory (project/hf.py)
-    "consolidate": consolidate_checkpoint,  # DCP folder (ModelParallelStrategy) -> single .ckpt
-    "serve": serve_command,  # Gradio app: generate with streaming, attention view (project/app.py)
-    "prepare": prepare_corpus,  # folder of .txt/.parquet -> litdata token chunks for --data.streaming_dir
-    "guide": guide_command,  # notebooks/ executed and printed as one PDF (project/guide.py)
-}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of `python -m project`."""
-    words = sys.argv[1:] if argv is None else argv
-    try:
-        if words and words[0] in COMMANDS:
-            auto_cli(COMMANDS[words[0]], args=words[1:], prog=f"python -m project {words[0]}",
-                     parser_class=OneLineCommandParser)
-        else:
-            run_lightning(argv)  # None: LightningCLI reads sys.argv itself
-    except USER_ERRORS as err:
-        if os.environ.get("PROJECT_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)

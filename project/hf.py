@@ -21,23 +21,47 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from project.checkpoint import LoadedCheckpoint
-from project.model import GPT, GPTConfig
+from project.model import GPT, GPTConfig, architecture_fields
 from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 
 GPT2_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}  # ours -> transformers, bit-identical ops
 GPT2_ACTIVATIONS_IN = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
-# our block's submodule names -> LlamaDecoderLayer's (used in both directions)
-LLAMA_NAMES = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q_proj": "self_attn.q_proj",
-               "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj", "attn.proj": "self_attn.o_proj",
-               "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj", "mlp.proj": "mlp.down_proj"}
-CONFIG_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "kv_heads", "bias", "positions", "rope_base", "norm",
-                 "norm_eps", "mlp", "hidden_dim", "gelu_approximate", "tie_embeddings")
 
+
+@dataclass(frozen=True)
+class WeightNames:
+    """How our module names map onto one transformers architecture; export and import both read it."""
+
+    top: dict[str, str]  # modules outside the blocks: ours -> theirs
+    block_prefix: str  # theirs, for block i (ours is "blocks.{i}.")
+    block: dict[str, str]  # modules inside each block: ours -> theirs
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # theirs -> ours, concatenated on dim 0
+    conv1d: bool = False  # their linear weights inside blocks are stored (in, out): transposed from ours
+
+
+WEIGHT_NAMES = {
+    "gpt2": WeightNames(
+        top={"wte": "transformer.wte", "wpe": "transformer.wpe", "norm": "transformer.ln_f", "lm_head": "lm_head"},
+        block_prefix="transformer.h.{i}.",
+        block={"norm1": "ln_1", "norm2": "ln_2", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc",
+               "mlp.proj": "mlp.c_proj"},
+        fused={"attn.c_attn": ("attn.q_proj", "attn.k_proj", "attn.v_proj")},
+        conv1d=True,
+    ),
+    "llama": WeightNames(  # our rotate-half rotary layout is transformers' too: q/k need no permutation
+        top={"wte": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"},
+        block_prefix="model.layers.{i}.",
+        block={"norm1": "input_layernorm", "norm2": "post_attention_layernorm", "attn.q_proj": "self_attn.q_proj",
+               "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj", "attn.proj": "self_attn.o_proj",
+               "mlp.gate": "mlp.gate_proj", "mlp.fc": "mlp.up_proj", "mlp.proj": "mlp.down_proj"},
+    ),
+}
 
 def _require_transformers():
     try:
@@ -146,71 +170,59 @@ def config_from_hf(hf) -> GPTConfig:
 # --- weights ---------------------------------------------------------------------------------------------
 
 
+def weight_pairs(names: WeightNames, n_layer: int) -> Iterator[tuple[str, str, bool]]:
+    """(our tensor name, theirs, in Conv1D layout?) for every weight and bias the table maps one to one."""
+    modules = [(ours, theirs, False) for ours, theirs in names.top.items()]
+    for i in range(n_layer):
+        prefix = names.block_prefix.format(i=i)
+        modules += [(f"blocks.{i}.{ours}", prefix + theirs, names.conv1d) for ours, theirs in names.block.items()]
+    for ours, theirs, conv1d in modules:
+        yield f"{ours}.weight", f"{theirs}.weight", conv1d
+        yield f"{ours}.bias", f"{theirs}.bias", False
+
+
+def fused_groups(names: WeightNames, n_layer: int) -> Iterator[tuple[str, list[str]]]:
+    """(their fused tensor name, our tensor names it concatenates) for each weight and bias of each block."""
+    for i in range(n_layer):
+        for theirs, ours in names.fused.items():
+            for kind in ("weight", "bias"):
+                yield f"{names.block_prefix.format(i=i)}{theirs}.{kind}", [f"blocks.{i}.{o}.{kind}" for o in ours]
+
+
+def conv1d_layout(tensor: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """A linear weight transposed between (out, in) and Conv1D's (in, out), when `conv1d`; vectors as they are.
+    The transpose is its own inverse, so export and import both call this."""
+    return tensor.t() if conv1d and tensor.ndim == 2 else tensor
+
+
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights under transformers names and layouts (tied lm_head left out, as transformers saves it)."""
     cfg = model.config
+    names = WEIGHT_NAMES[hf_family(cfg)]
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
-    if hf_family(cfg) == "gpt2":
-        out["transformer.wte.weight"] = sd["wte.weight"]
-        out["transformer.wpe.weight"] = sd["wpe.weight"]
-        for i in range(cfg.n_layer):
-            b, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                out[h + theirs + ".weight"] = sd[b + ours + ".weight"]
-                out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
-            qkv = [f"{b}attn.{p}_proj" for p in "qkv"]
-            out[h + "attn.c_attn.weight"] = torch.cat([sd[p + ".weight"] for p in qkv], 0).t()
-            out[h + "attn.c_attn.bias"] = torch.cat([sd[p + ".bias"] for p in qkv], 0)
-            for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                out[h + theirs + ".weight"] = sd[b + ours + ".weight"].t()
-                out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
-        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
-    else:
-        out["model.embed_tokens.weight"] = sd["wte.weight"]
-        for i in range(cfg.n_layer):
-            for ours, theirs in LLAMA_NAMES.items():
-                for kind in ("weight", "bias"):
-                    if f"blocks.{i}.{ours}.{kind}" in sd:
-                        out[f"model.layers.{i}.{theirs}.{kind}"] = sd[f"blocks.{i}.{ours}.{kind}"]
-        out["model.norm.weight"] = sd["norm.weight"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
+    if cfg.tie_embeddings:
+        del sd["lm_head.weight"]
+    out = {theirs: conv1d_layout(sd[ours], conv1d)
+           for ours, theirs, conv1d in weight_pairs(names, cfg.n_layer) if ours in sd}
+    for theirs, ours in fused_groups(names, cfg.n_layer):
+        if ours[0] in sd:
+            out[theirs] = conv1d_layout(torch.cat([sd[o] for o in ours], 0), names.conv1d)
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """Our state dict from transformers weights (GPT-2 keys with or without the `transformer.` prefix)."""
-    out: dict[str, torch.Tensor] = {}
-    if hf_family(config) == "gpt2":
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-        out["wte.weight"], out["wpe.weight"] = state["wte.weight"], state["wpe.weight"]
-        C = config.n_embd
-        for i in range(config.n_layer):
-            b, h = f"blocks.{i}.", f"h.{i}."
-            for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                out[b + ours + ".weight"] = state[h + theirs + ".weight"]
-                out[b + ours + ".bias"] = state[h + theirs + ".bias"]
-            w, bias = state[h + "attn.c_attn.weight"].t(), state[h + "attn.c_attn.bias"]
-            for j, p in enumerate("qkv"):
-                out[f"{b}attn.{p}_proj.weight"] = w[j * C:(j + 1) * C]
-                out[f"{b}attn.{p}_proj.bias"] = bias[j * C:(j + 1) * C]
-            for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                out[b + ours + ".weight"] = state[h + theirs + ".weight"].t()
-                out[b + ours + ".bias"] = state[h + theirs + ".bias"]
-        out["norm.weight"], out["norm.bias"] = state["ln_f.weight"], state["ln_f.bias"]
-    else:
-        out["wte.weight"] = state["model.embed_tokens.weight"]
-        for i in range(config.n_layer):
-            for ours, theirs in LLAMA_NAMES.items():
-                for kind in ("weight", "bias"):
-                    if f"model.layers.{i}.{theirs}.{kind}" in state:
-                        out[f"blocks.{i}.{ours}.{kind}"] = state[f"model.layers.{i}.{theirs}.{kind}"]
-        out["norm.weight"] = state["model.norm.weight"]
+    family = hf_family(config)
+    names = WEIGHT_NAMES[family]
+    if family == "gpt2":  # GPT2Model (no LM head) saves its keys without the prefix
+        state = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v for k, v in state.items()}
+    out = {ours: conv1d_layout(state[theirs], conv1d)
+           for ours, theirs, conv1d in weight_pairs(names, config.n_layer) if theirs in state}
+    for theirs, ours in fused_groups(names, config.n_layer):
+        if theirs in state:
+            out.update(zip(ours, conv1d_layout(state[theirs], names.conv1d).chunk(len(ours), 0)))
     if config.tie_embeddings:
         out["lm_head.weight"] = out["wte.weight"]
-    elif "lm_head.weight" in state:
-        out["lm_head.weight"] = state["lm_head.weight"]
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -243,6 +255,19 @@ def read_hf_config(path: str | Path):
     return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
+def weight_defining_values(config: GPTConfig) -> dict:
+    """The architecture values two configs must share for one's weights to load into the other: every
+    architecture field with defaults resolved, except block_size (a shorter context may load a longer one's
+    weights) and the options the recipe does not use (rope_base without rope, gelu_approximate without gelu)."""
+    values = {name: getattr(config, name) for name in architecture_fields() if name != "block_size"}
+    values.update(n_kv_head=config.kv_heads, mlp_hidden=config.hidden_dim)
+    if config.positions != "rope":
+        del values["rope_base"]
+    if config.mlp != "gelu":
+        del values["gelu_approximate"]
+    return values
+
+
 def load_hf_weights(model: GPT, path: str | Path) -> None:
     """Copy the weights of a local transformers GPT-2/Llama directory into `model`, whose architecture must match.
 
@@ -252,12 +277,9 @@ def load_hf_weights(model: GPT, path: str | Path) -> None:
     hf = read_hf_config(path)
     theirs = config_from_hf(hf)
     ours = model.config
-    diffs = [f"{name}={getattr(ours, name)!r} (HF: {getattr(theirs, name)!r})" for name in CONFIG_FIELDS
-             if name not in ("rope_base", "gelu_approximate") and getattr(ours, name) != getattr(theirs, name)]
-    if ours.positions == theirs.positions == "rope" and ours.rope_base != theirs.rope_base:
-        diffs.append(f"rope_base={ours.rope_base!r} (HF: {theirs.rope_base!r})")
-    if ours.mlp == theirs.mlp == "gelu" and ours.gelu_approximate != theirs.gelu_approximate:
-        diffs.append(f"gelu_approximate={ours.gelu_approximate!r} (HF: {theirs.gelu_approximate!r})")
+    mine, other = weight_defining_values(ours), weight_defining_values(theirs)
+    diffs = [f"{name}={mine.get(name)!r} (HF: {other.get(name)!r})" for name in mine | other
+             if mine.get(name) != other.get(name)]
     if ours.positions == theirs.positions == "learned" and ours.block_size > theirs.block_size:
         diffs.append(f"block_size={ours.block_size} (HF has only {theirs.block_size} positions)")
     if diffs:
@@ -282,10 +304,10 @@ def gpt_from_hf(path: str | Path) -> GPT:
     return model.eval()
 
 
-def load_hf_directory(path: Path, device: str = "cpu") -> LoadedCheckpoint:
-    """An exported transformers directory: the weights through project.hf, the tokenizer from tokenizer.json
-    (a character vocabulary, or GPT-2 BPE, as `export` writes them)."""
-    model = gpt_from_hf(path).to(device).eval()
+def read_hf_directory(path: Path) -> tuple[GPT, Tokenizer]:
+    """The model (eval mode, on the CPU) and tokenizer of a transformers directory: the tokenizer from
+    tokenizer.json (a character vocabulary, or GPT-2 BPE, as `export` writes them)."""
+    model = gpt_from_hf(path)
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
         raise FileNotFoundError(f"{tok_file} is missing: pass a directory written by `python -m project export`")
@@ -303,7 +325,7 @@ def load_hf_directory(path: Path, device: str = "cpu") -> LoadedCheckpoint:
             raise ValueError(f"{tok_file} is neither a character vocabulary nor GPT-2 BPE: cannot serve it")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
-    return LoadedCheckpoint(model, tokenizer, path)
+    return model, tokenizer
 
 
 # --- tokenizers ------------------------------------------------------------------------------------------
@@ -319,16 +341,20 @@ def hf_tokenizer(tokenizer: Tokenizer, model_max_length: int | None = None):
     if isinstance(tokenizer, TiktokenTokenizer):
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
+        from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
+
         enc = tokenizer.encoding
-        ranks = enc._mergeable_ranks
+        if enc.name not in ENCODING_CONSTRUCTORS:
+            raise ValueError(f"cannot export tiktoken encoding {enc.name!r}: only OpenAI's public encodings")
+        spec = ENCODING_CONSTRUCTORS[enc.name]()  # the constructor's arguments: pat_str, mergeable_ranks, ...
 
         class RanksConverter(TikTokenConverter):
-            # the ranks tiktoken itself uses, not a file looked up (or downloaded) again
+            # the ranks tiktoken itself uses (from its cache), not a file looked up (or downloaded) again
             def load_tiktoken_bpe(self, _vocab_file):
-                return ranks
+                return spec["mergeable_ranks"]
 
-        backend = RanksConverter(vocab_file=enc.name, pattern=enc._pat_str,
-                                 extra_special_tokens=enc._special_tokens).converted()
+        backend = RanksConverter(vocab_file=enc.name, pattern=spec["pat_str"],
+                                 extra_special_tokens=spec["special_tokens"]).converted()
         special = {}
         if tokenizer.eot_id is not None:
             eot = enc.decode([tokenizer.eot_id])
@@ -352,7 +378,7 @@ def to_hf_model(model: GPT, eos_token_id: int | None = None):
     """A transformers model (eval, float32 on CPU) holding exactly `model`'s weights."""
     transformers = _require_transformers()
     config = hf_config(model.config, eos_token_id)
-    cls = transformers.GPT2LMHeadModel if config.model_type == "gpt2" else transformers.LlamaForCausalLM
+    cls = getattr(transformers, hf_architecture(model.config))
     hf = cls(config)
     state = {k: v.to("cpu", torch.float32) for k, v in to_hf_state_dict(model).items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
@@ -384,14 +410,25 @@ def _patch_json(path: Path, **values) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write `model` and `tokenizer` as a transformers directory: config.json, model.safetensors,
-    generation_config.json and tokenizer files. An existing non-empty `out` needs `overwrite`."""
+def check_export_target(out: str | Path, overwrite: bool) -> Path:
+    """`out` as a Path, checked to be a directory to write into: absent, empty, or `overwrite` allowed."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file: pass a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory {out} is not empty: pass --overwrite true to replace its contents")
+    return out
+
+
+def hf_architecture(config: GPTConfig) -> str:
+    """The transformers model class an export of `config` uses: GPT2LMHeadModel or LlamaForCausalLM."""
+    return "GPT2LMHeadModel" if hf_family(config) == "gpt2" else "LlamaForCausalLM"
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `model` and `tokenizer` as a transformers directory: config.json, model.safetensors,
+    generation_config.json and tokenizer files. An existing non-empty `out` needs `overwrite`."""
+    out = check_export_target(out, overwrite)
     hf_family(model.config)  # refuse an unsupported architecture before any work
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
@@ -423,25 +460,3 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: b
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def export_command(*, ckpt_path: str, out: str, overwrite: bool = False) -> None:
-    """Export a checkpoint to a Hugging Face transformers directory (GPT-2 or Llama architecture).
-
-    The directory loads with AutoModelForCausalLM / AutoTokenizer / pipeline("text-generation") and gives
-    the same logits as the checkpoint.
-
-    Args:
-        ckpt_path: a .ckpt written by `python -m project fit`.
-        out: the directory to write (config.json, model.safetensors, generation_config.json, tokenizer files).
-        overwrite: replace the files of an existing non-empty directory.
-    """
-    from project.checkpoint import load_checkpoint
-
-    out_path = Path(out)
-    if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:  # fail before loading anything
-        raise FileExistsError(f"output directory {out_path} is not empty: pass --overwrite true to replace its contents")
-    loaded = load_checkpoint(ckpt_path)
-    export_hf(loaded.model.float(), loaded.tokenizer, out_path, overwrite=overwrite)
-    family = hf_family(loaded.model.config)
-    print(f"exported {ckpt_path} as {'GPT2LMHeadModel' if family == 'gpt2' else 'LlamaForCausalLM'} to {out_path}")

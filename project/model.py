@@ -10,7 +10,7 @@ Shapes: B batch, T sequence length, C = n_embd, H = n_head, Hkv = n_kv_head, D =
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -28,7 +28,8 @@ class GPTConfig:
     n_head: int = 6  # query heads per attention layer
     n_embd: int = 384  # residual stream width; must divide evenly into n_head heads
     n_kv_head: int | None = None  # key/value heads: None = n_head (MHA), 1 = multi-query, else grouped-query
-    dropout: float = 0.0  # dropout on attention weights and residual branches (0 for short runs)
+    # dropout on attention weights and residual branches (0 for short runs); a training setting, not architecture
+    dropout: float = field(default=0.0, metadata={"architecture": False})
     bias: bool = True  # biases in linear layers and LayerNorm, as GPT-2; Llama uses none
     positions: Literal["learned", "rope"] = "learned"  # learned absolute embeddings or rotary (RoPE)
     rope_base: float = 10000.0  # RoPE frequency base (theta)
@@ -75,6 +76,11 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def architecture_fields() -> tuple[str, ...]:
+    """The GPTConfig fields that define the network's function (all but training settings such as dropout)."""
+    return tuple(f.name for f in fields(GPTConfig) if f.metadata.get("architecture", True))
 
 
 class RMSNorm(nn.Module):

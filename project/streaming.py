@@ -292,8 +292,6 @@ def prepare_corpus(
         raise
     finally:
         shutil.rmtree(counts_dir, ignore_errors=True)
-    print(f"prepared {output_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-          f"({tok.state_dict()['kind']}, vocabulary {tok.vocab_size})")
     return meta
 
 

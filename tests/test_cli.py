@@ -83,3 +83,28 @@ def test_unknown_config_key_fails_with_its_name(tmp_path):
                      cwd=tmp_path)
     assert result.returncode != 0
     assert "n_layers" in result.stderr
+
+
+def test_help_lists_every_command_with_a_summary(capsys):
+    from lightning.pytorch.cli import LightningCLI
+
+    from project.commands import COMMANDS, main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m project ") and "__main__" not in out
+    listed = {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines() if line.startswith("  ")}
+    assert set(listed) == set(LightningCLI.subcommands()) | set(COMMANDS)
+    assert all(summary.strip() for summary in listed.values())
+
+
+@pytest.mark.parametrize("command", ["fit", "generate", "export", "consolidate", "serve", "prepare"])
+def test_each_command_has_its_own_help(command, capsys):
+    from project.commands import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m project ")

@@ -13,7 +13,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from pypdf import PdfReader
 
 from conftest import REPO, run_cli
-from project.cli import main
+from project.commands import main
 from project.guide import MATHJAX_CONFIG, discover_notebooks, find_chromium, mathjax_url
 
 APPENDIX = REPO / "notebooks" / "appendix-a-manual-derivatives.ipynb"

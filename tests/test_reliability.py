@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import DEBUG_CONFIG, REPO, run_cli
-from project.cli import main
+from project.commands import main
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 CONTEXT = DEBUG_CONFIG["model"]["config"]["block_size"]  # of the trained_run checkpoint
@@ -96,22 +96,24 @@ def test_ctrl_c_saves_last_checkpoint(data_dir, tmp_path):
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
-    """A crash while the bytes are written leaves the previous last.ckpt complete."""
-    from lightning.pytorch import Trainer
+    """A crash while the bytes are written leaves the previous last.ckpt complete, and no temporary file."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from project.callbacks import GPTCheckpoint
+    from project.callbacks import AtomicCheckpointIO
 
     target = tmp_path / "last.ckpt"
-    target.write_bytes(b"previous complete checkpoint")
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+    assert torch.load(target, weights_only=True) == {"step": 1}
 
-    def crash_mid_write(self, filepath, weights_only=False):
-        Path(filepath).write_bytes(b"half of a checkp")
+    def crash_mid_write(self, checkpoint, path, storage_options=None):
+        Path(path).write_bytes(b"half of a checkp")
         raise OSError("disk full")
 
-    monkeypatch.setattr(Trainer, "save_checkpoint", crash_mid_write)
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", crash_mid_write)
     with pytest.raises(OSError):
-        GPTCheckpoint(dirpath=tmp_path)._save_checkpoint(Trainer(logger=False), str(target))
-    assert target.read_bytes() == b"previous complete checkpoint"
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, target)
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def fit_in_process(capsys, *args: str) -> tuple[int, str]:
@@ -161,6 +163,8 @@ BAD_INPUTS = {
                            "different architecture"),
     "resume-other-architecture": (["fit", "--config", DEBUG, "--ckpt_path", "{ckpt}", "--model.config.n_embd",
                                    "64"], "different architecture"),
+    "other-norm-eps": (["predict", "--config", DEBUG, "--ckpt_path", "{ckpt}", "--model.config.norm_eps", "1e-3"],
+                       "norm_eps=1e-05"),  # every architecture field of GPTConfig is checked, not a hand-kept list
     "missing-ckpt": (["predict", "--config", DEBUG, "--ckpt_path", "{tmp}/nope.ckpt"], "does not exist"),
     "truncated-ckpt-predict": (["predict", "--config", DEBUG, "--ckpt_path", "{tmp}/half.ckpt"], "truncated"),
     "truncated-ckpt-generate": (["generate", "--ckpt_path", "{tmp}/half.ckpt"], "truncated"),

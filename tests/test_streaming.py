@@ -19,7 +19,7 @@ from conftest import REPO, run_cli
 
 pytest.importorskip("litdata")
 
-from project.cli import main  # noqa: E402
+from project.commands import main  # noqa: E402
 from project.data import TextDataModule  # noqa: E402
 from project.streaming import import_litdata, prepare_corpus  # noqa: E402
 from project.tokenizer import tokenizer_from_state  # noqa: E402

@@ -1,0 +1,218 @@
+"""Every command of `python -m project`: parse, call one library function, print, exit.
+
+    python -m project fit --config configs/shakespeare.yaml      (fit/validate/test/predict: LightningCLI)
+    python -m project generate --ckpt_path runs/.../last.ckpt --prompt "ROMEO:" --stream true
+    python -m project CMD --help                                 (the options of one command)
+
+This is the only module that prints results and turns user errors into one `error: ...` line and exit
+status 1; the library modules return values and raise exceptions with one-line messages.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from jsonargparse import auto_cli
+
+from project.checkpoint import consolidate_checkpoint, load_checkpoint, load_model
+from project.cli import PROG, OneLineErrorParser, run_lightning
+from project.guide import NOTEBOOK_DIR, build_guide  # imports nbclient/nbconvert only when it runs
+from project.streaming import prepare_corpus  # imports litdata only when it runs
+
+# errors that carry a message meant for the user: printed as one line, exit status 1
+USER_ERRORS = (ValueError, ConnectionError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+               IsADirectoryError)
+
+
+def generate_command(
+    *,
+    ckpt_path: str,
+    prompt: str = "\n",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    stream: bool = False,
+    device: str = "cpu",
+) -> None:
+    """Generate text from a checkpoint and print it (as it is produced with --stream true).
+
+    Args:
+        ckpt_path: a .ckpt written by `python -m project fit`, a distributed checkpoint folder, or a
+            transformers directory written by `python -m project export`.
+        prompt: text to continue.
+        max_new_tokens: tokens to generate at most.
+        temperature: 0 = greedy; lower is more conservative.
+        top_k: sample among the k most likely tokens (None = all).
+        top_p: sample within this much probability mass (None = all).
+        seed: fix the random choices for reproducible text.
+        stop: stop at any of these strings.
+        stream: print text as it is generated.
+        device: torch device, e.g. cpu or cuda.
+    """
+    from project.generate import GenerationSettings, stream as stream_text
+
+    loaded = load_model(ckpt_path, device=device)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, seed=seed, stop=stop or [])
+    pieces = stream_text(loaded.model, loaded.tokenizer, prompt, settings)
+    first = next(pieces, "")  # checks the prompt and settings before anything is printed
+    sys.stdout.write(prompt + first)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        if stream:
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def export_command(*, ckpt_path: str, out: str, overwrite: bool = False) -> None:
+    """Export a checkpoint to a Hugging Face transformers directory (GPT-2 or Llama architecture).
+
+    The directory loads with AutoModelForCausalLM / AutoTokenizer / pipeline("text-generation") and gives
+    the same logits as the checkpoint.
+
+    Args:
+        ckpt_path: a .ckpt written by `python -m project fit`.
+        out: the directory to write (config.json, model.safetensors, generation_config.json, tokenizer files).
+        overwrite: replace the files of an existing non-empty directory.
+    """
+    from project.hf import check_export_target, export_hf, hf_architecture
+
+    out_path = check_export_target(out, overwrite)  # fail before loading anything
+    loaded = load_checkpoint(ckpt_path)
+    export_hf(loaded.model.float(), loaded.tokenizer, out_path, overwrite=overwrite)
+    print(f"exported {ckpt_path} as {hf_architecture(loaded.model.config)} to {out_path}")
+
+
+@functools.wraps(consolidate_checkpoint)
+def consolidate_command(**kwargs) -> None:
+    target = consolidate_checkpoint(**kwargs)
+    print(f"consolidated {kwargs['ckpt_path']} -> {target}")
+
+
+def serve_command(
+    *,
+    ckpt_path: str,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    max_prompt_chars: int = 2000,
+    concurrency_limit: int = 2,
+    max_queue: int = 32,
+    device: str = "cpu",
+) -> None:
+    """Serve a Gradio app to sample from a model and view its attention.
+
+    Args:
+        ckpt_path: a .ckpt written by `python -m project fit`, or a directory written by `python -m project export`.
+        host: interface to listen on; 127.0.0.1 keeps the app on this machine (0.0.0.0 opens it to the network).
+        port: port to listen on.
+        share: also create a public gradio.live link (off unless asked for).
+        max_prompt_chars: longest prompt accepted, in characters.
+        concurrency_limit: requests processed at once; the rest wait in the queue.
+        max_queue: requests that may wait; beyond this the page asks to try again.
+        device: torch device, e.g. cpu or cuda.
+    """
+    from project.app import build_app  # imports gradio only when the app is built
+
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    loaded = load_model(ckpt_path, device=device)
+    demo = build_app(loaded, max_prompt_chars=max_prompt_chars, concurrency_limit=concurrency_limit,
+                     max_queue=max_queue)
+    demo.launch(server_name=host, server_port=port, share=share, show_error=False, ssr_mode=False)
+
+
+@functools.wraps(prepare_corpus)
+def prepare_command(**kwargs) -> None:
+    meta = prepare_corpus(**kwargs)
+    print(f"prepared {kwargs['output_dir']}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+          f"({meta['tokenizer']['kind']}, vocabulary {meta['vocab_size']})")
+
+
+def guide_command(
+    *,
+    out: str = "guide.pdf",
+    notebooks: str | None = None,
+    notebook_dir: str = str(NOTEBOOK_DIR),
+    timeout: int = 600,
+    chromium: str | None = None,
+) -> None:
+    """Execute the guide's notebooks and print them as one PDF (title page, contents, chapters, appendix).
+
+    Args:
+        out: the PDF to write.
+        notebooks: a subset, comma-separated names or prefixes, e.g. 03,appendix (default: every notebook, in
+            file-name order).
+        notebook_dir: the folder of notebooks.
+        timeout: seconds each cell may run.
+        chromium: the Chromium executable that prints the pages (default: chromium on PATH).
+    """
+    def done(chapter) -> None:
+        print(f"{chapter.notebook.name}: {chapter.pages} pages, executed in {chapter.execute_seconds:.0f} s",
+              file=sys.stderr)
+
+    names = [name.strip() for name in notebooks.split(",") if name.strip()] if notebooks else None
+    report = build_guide(Path(out), Path(notebook_dir), names, timeout, chromium, on_chapter=done)
+    print(f"wrote {report.out}: {report.pages} pages, {len(report.chapters)} chapters "
+          f"(executed in {report.execute_seconds:.0f} s, printed in {report.render_seconds:.0f} s)")
+
+
+# the project's own commands, beside LightningCLI's fit/validate/test/predict
+COMMANDS: dict[str, Callable[..., None]] = {
+    "generate": generate_command,
+    "export": export_command,  # checkpoint -> Hugging Face transformers directory (project/hf.py)
+    "consolidate": consolidate_command,  # DCP folder (ModelParallelStrategy) -> single .ckpt
+    "serve": serve_command,  # Gradio app: generate with streaming, attention view (project/app.py)
+    "prepare": prepare_command,  # folder of .txt/.parquet -> litdata token chunks for --data.streaming_dir
+    "guide": guide_command,  # notebooks/ executed and printed as one PDF (project/guide.py)
+}
+
+
+def summary(fn: Callable) -> str:
+    """The first line of a function's docstring: the one-line description of its command."""
+    return (inspect.getdoc(fn) or "").splitlines()[0]
+
+
+# LightningCLI's commands (their options: `python -m project fit --help`); Trainer's docstrings are too generic
+LIGHTNING_SUMMARIES = {
+    "fit": "Train a GPT from a config (any Trainer flag; --ckpt_path last resumes the newest run).",
+    "validate": "Compute the validation loss of a checkpoint.",
+    "test": "Compute the loss of a checkpoint on the test split.",
+    "predict": "Complete --data.prompts with a checkpoint, writing JSON lines.",
+}
+
+
+def overview() -> str:
+    """`python -m project --help`: every command with its one-line summary."""
+    summaries = {**LIGHTNING_SUMMARIES, **{name: summary(fn) for name, fn in COMMANDS.items()}}
+    width = max(map(len, summaries))
+    lines = [f"usage: {PROG} COMMAND [options]       ({PROG} COMMAND --help: the options of one command)",
+             "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in summaries.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python -m project` and of the `gpt` script."""
+    words = sys.argv[1:] if argv is None else argv
+    try:
+        if not words or words[0] in ("-h", "--help"):
+            print(overview())
+            sys.exit(0 if words else 2)
+        if words[0] in COMMANDS:
+            auto_cli(COMMANDS[words[0]], args=words[1:], prog=f"{PROG} {words[0]}", parser_class=OneLineErrorParser)
+        else:
+            run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+    except USER_ERRORS as err:
+        if os.environ.get("PROJECT_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
