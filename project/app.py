@@ -8,8 +8,10 @@ Attention: for a prompt, one layer's and head's attention weights over the promp
 the next-token top-10 probabilities as a bar chart.
 
 Bad input (an empty or too long prompt, a value out of range) gives a message in the page, never a stack
-trace; requests are queued with a concurrency limit, and a failed request leaves the app serving. The app
-listens on 127.0.0.1 unless `--host` says otherwise, and makes a public share link only with `--share true`.
+trace; requests are queued with a concurrency limit, and a failed request leaves the app serving.
+
+`serve` puts the page and an OpenAI-compatible API (/v1, project/openai_api.py) on one FastAPI app and port.
+It listens on 127.0.0.1 unless `--host` says otherwise, and any other host needs an API key.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import copy
 import itertools
 import logging
 import math
+import os
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 
 EXAMPLE_PROMPTS = ["ROMEO:", "First Citizen:\n", "JULIET:\nO Romeo"]
 TOP_N = 10  # next-token probabilities shown
+API_KEY_ENV = "PROJECT_API_KEY"  # the server's API key, when --api_key is not given
 MAX_LABELLED_TOKENS = 48  # beyond this many prompt tokens, the heatmap labels every n-th token only
 
 
@@ -324,32 +329,76 @@ def build_app(loaded: LoadedCheckpoint, *, max_prompt_chars: int = 2000, concurr
     return demo
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def build_server(loaded: LoadedCheckpoint, *, api_key: str | None = None, model_name: str = "gpt",
+                 max_prompt_chars: int = 2000, concurrency_limit: int = 2, max_queue: int = 32):
+    """One FastAPI app: the OpenAI-compatible API under /v1 (project/openai_api.py) and the page at /.
+
+    With `api_key`, the API needs it as a bearer token and the page asks for it as the password.
+    """
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from project.openai_api import add_openai_routes
+
+    server = FastAPI(title="GPT playground and OpenAI-compatible API", docs_url=None, redoc_url=None)
+    add_openai_routes(server, loaded, model_name=model_name, api_key=api_key)  # before "/": the routes match first
+    demo = build_app(loaded, max_prompt_chars=max_prompt_chars, concurrency_limit=concurrency_limit,
+                     max_queue=max_queue)
+    auth = None
+    if api_key is not None:
+        def auth(username: str, password: str) -> bool:
+            return secrets.compare_digest(password.encode(), api_key.encode())
+    return gr.mount_gradio_app(server, demo, path="/", auth=auth, show_error=False, ssr_mode=False)
+
+
 def serve_command(
     *,
     ckpt_path: str,
     host: str = "127.0.0.1",
     port: int = 7860,
-    share: bool = False,
+    api_key: str | None = None,
+    model_name: str = "gpt",
     max_prompt_chars: int = 2000,
     concurrency_limit: int = 2,
     max_queue: int = 32,
     device: str = "cpu",
 ) -> None:
-    """Serve a Gradio app to sample from a model and view its attention.
+    """Serve the Gradio app at / and an OpenAI-compatible API under /v1, on one port.
 
     Args:
         ckpt_path: a .ckpt written by `python -m project fit`, or a directory written by `python -m project export`.
-        host: interface to listen on; 127.0.0.1 keeps the app on this machine (0.0.0.0 opens it to the network).
+        host: interface to listen on; 127.0.0.1 keeps the server on this machine. Any other needs an API key.
         port: port to listen on.
-        share: also create a public gradio.live link (off unless asked for).
-        max_prompt_chars: longest prompt accepted, in characters.
-        concurrency_limit: requests processed at once; the rest wait in the queue.
-        max_queue: requests that may wait; beyond this the page asks to try again.
+        api_key: the key clients must send (`Authorization: Bearer KEY`; the page's password); default: the
+            PROJECT_API_KEY environment variable, which keeps it out of the process list.
+        model_name: the model's id in the API (`model` in requests, /v1/models).
+        max_prompt_chars: longest prompt the page accepts, in characters.
+        concurrency_limit: page requests processed at once; the rest wait in the queue.
+        max_queue: page requests that may wait; beyond this the page asks to try again.
         device: torch device, e.g. cpu or cuda.
     """
+    import uvicorn
+
     if not 0 < port < 65536:
         raise ValueError(f"port must be in 1..65535, got {port}")
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key is None and not is_loopback(host):
+        raise ValueError(f"--host {host} opens the server to the network: set an API key with --api_key or "
+                         f"{API_KEY_ENV}, or keep the default --host 127.0.0.1")
     loaded = load_model(ckpt_path, device=device)
-    demo = build_app(loaded, max_prompt_chars=max_prompt_chars, concurrency_limit=concurrency_limit,
-                     max_queue=max_queue)
-    demo.launch(server_name=host, server_port=port, share=share, show_error=False, ssr_mode=False)
+    server = build_server(loaded, api_key=api_key, model_name=model_name, max_prompt_chars=max_prompt_chars,
+                          concurrency_limit=concurrency_limit, max_queue=max_queue)
+    print(f"serving {loaded.path} on http://{host}:{port}: the page at /, the OpenAI API at /v1", flush=True)
+    uvicorn.run(server, host=host, port=port, log_level="warning")
