@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, free_port, run_cli
 
 gr = pytest.importorskip("gradio")
 pytest.importorskip("matplotlib")
@@ -37,12 +36,6 @@ def loaded(trained_run):
 @pytest.fixture(scope="module")
 def handlers(loaded) -> App:
     return App(loaded, max_prompt_chars=200)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -152,13 +145,22 @@ def test_exported_transformers_directory_serves_the_same_text(loaded, handlers, 
     assert list(App(exported).generate("ROMEO:", **args))[-1] == list(handlers.generate("ROMEO:", **args))[-1]
 
 
-def test_serve_binds_locally_without_share_by_default(monkeypatch, trained_run):
+def test_serve_binds_locally_by_default_and_needs_a_key_elsewhere(monkeypatch, trained_run):
+    import uvicorn
+
     calls = {}
-    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: calls.update(kwargs))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(kwargs, app=app))
+    monkeypatch.delenv("PROJECT_API_KEY", raising=False)
     serve_command(ckpt_path=str(trained_run["ckpt"]))
-    assert calls["server_name"] == "127.0.0.1" and calls["share"] is False and calls["server_port"] == 7860
-    serve_command(ckpt_path=str(trained_run["ckpt"]), host="0.0.0.0", port=8001, share=True)
-    assert calls["server_name"] == "0.0.0.0" and calls["share"] is True and calls["server_port"] == 8001
+    assert calls["host"] == "127.0.0.1" and calls["port"] == 7860
+    paths = {getattr(route, "path", None) for route in calls["app"].routes}
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/"} <= paths  # API and page on one app
+    with pytest.raises(ValueError, match="--api_key or PROJECT_API_KEY"):
+        serve_command(ckpt_path=str(trained_run["ckpt"]), host="0.0.0.0", port=8001)
+    calls.clear()
+    monkeypatch.setenv("PROJECT_API_KEY", "secret")
+    serve_command(ckpt_path=str(trained_run["ckpt"]), host="0.0.0.0", port=8001)
+    assert calls["host"] == "0.0.0.0" and calls["port"] == 8001
 
 
 def test_serve_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
