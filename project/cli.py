@@ -3,6 +3,7 @@
     python -m project fit --config configs/shakespeare.yaml      (any Trainer flag: --trainer.devices 2 ...)
     python -m project predict --config configs/shakespeare.yaml --ckpt_path runs/.../last.ckpt
     python -m project generate --ckpt_path runs/.../last.ckpt --prompt "ROMEO:" --stream true
+    python -m project evaluate --ckpt_path runs/.../last.ckpt --text valid.txt
 """
 
 from __future__ import annotations
@@ -210,12 +211,47 @@ def generate_command(
     sys.stdout.write("\n")
 
 
+
+def evaluate_command(
+    *,
+    ckpt_path: str,
+    text: str | None = None,
+    choices: str | None = None,
+    tasks: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> None:
+    """Evaluate a checkpoint with EleutherAI's lm-evaluation-harness (project/evaluate.py) and print the metrics.
+
+    Args:
+        ckpt_path: a .ckpt written by `python -m project fit`, or a directory written by `python -m project export`.
+        text: a UTF-8 text file: bits per byte, byte perplexity and word perplexity.
+        choices: a JSONL file, one {"question": str, "choices": [str, ...], "answer": index} per line: acc, acc_norm.
+        tasks: the harness's own tasks, comma-separated (e.g. hellaswag,arc_easy); their datasets come from the Hub.
+        limit: at most this many documents per task.
+        batch_size: sequences scored per forward pass.
+        device: torch device, e.g. cpu or cuda.
+    """
+    from project.checkpoint import load_model
+    from project.evaluate import evaluate
+
+    loaded = load_model(ckpt_path, device=device)
+    names = [name.strip() for name in tasks.split(",") if name.strip()] if tasks else None
+    results = evaluate(loaded.model, loaded.tokenizer, text=text, choices=choices, tasks=names, limit=limit,
+                       batch_size=batch_size)
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            print(f"{task:<20} {name:<16} {value:.4f}")
+
+
 # the project's own commands, beside LightningCLI's fit/validate/test/predict
 COMMANDS: dict[str, Callable[..., None]] = {
     "generate": generate_command,
     "export": export_command,  # checkpoint -> Hugging Face transformers directory (project/hf.py)
     "consolidate": consolidate_checkpoint,  # DCP folder (ModelParallelStrategy) -> single .ckpt
-    "serve": serve_command,  # Gradio app: generate with streaming, attention view (project/app.py)
+    "serve": serve_command,  # Gradio app + OpenAI-compatible /v1 API on one port (project/app.py, openai_api.py)
+    "evaluate": evaluate_command,  # lm-evaluation-harness on the model in memory (project/evaluate.py)
     "prepare": prepare_corpus,  # folder of .txt/.parquet -> litdata token chunks for --data.streaming_dir
 }
 
