@@ -105,6 +105,20 @@ def test_scores_match_a_direct_forward_pass(loaded):
     assert logprob == pytest.approx(direct_loglikelihood(loaded, ("ROMEO: " * 10)[-32:], "A"), abs=1e-4)
 
 
+def test_generation_requests_are_greedy_and_cut_at_stops(loaded):
+    from lm_eval.api.instance import Instance
+
+    from project.generate import GenerationSettings, stream
+
+    lm = HarnessLM(loaded.model, loaded.tokenizer)
+    greedy = "".join(stream(loaded.model, loaded.tokenizer, "ROMEO:", GenerationSettings(max_new_tokens=12,
+                                                                                        temperature=0)))
+    stop = greedy[6:8]
+    requests = [Instance("generate_until", {}, ("ROMEO:", {"until": [], "max_gen_toks": 12}), 0),
+                Instance("generate_until", {}, ("ROMEO:", {"until": [stop], "max_gen_toks": 12}), 1)]
+    assert lm.generate_until(requests) == [greedy, greedy[: greedy.index(stop)]]
+
+
 @pytest.mark.parametrize("line, message", [
     ("not json", "line 1 is not JSON"),
     ('{"question": "Q", "choices": ["a"], "answer": 0}', "at least 2 non-empty strings"),
