@@ -75,8 +75,8 @@ class SamplingFields(BaseModel):
 
     model: str
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None  # None (or absent): the API's default, 1
+    top_p: float | None = None  # None (or absent): 1, the whole distribution
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = 1
@@ -150,20 +150,21 @@ class Generator:
         if not 1 <= max_tokens <= self.max_tokens_limit:
             raise APIError(400, f"max_tokens must be from 1 to {self.max_tokens_limit} (this server's limit), "
                            f"got {max_tokens}", param="max_tokens")
-        if not 0 <= body.temperature <= MAX_TEMPERATURE:
-            raise APIError(400, f"temperature must be from 0 to {MAX_TEMPERATURE}, got {body.temperature}",
+        temperature = 1.0 if body.temperature is None else body.temperature
+        if not 0 <= temperature <= MAX_TEMPERATURE:
+            raise APIError(400, f"temperature must be from 0 to {MAX_TEMPERATURE}, got {temperature}",
                            param="temperature")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
             raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
         if body.seed is not None and body.seed < 0:
             raise APIError(400, f"seed must be >= 0, got {body.seed}", param="seed")
-        top_p = None if body.top_p == 1 else body.top_p
+        top_p = None if body.top_p in (None, 1) else body.top_p
         try:
-            validate_sampling(body.temperature, None, top_p, max_tokens)
+            validate_sampling(temperature, None, top_p, max_tokens)
         except ValueError as err:
             raise APIError(400, str(err), param="top_p") from None
-        return GenerationSettings(max_new_tokens=max_tokens, temperature=body.temperature, top_k=None, top_p=top_p,
+        return GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_k=None, top_p=top_p,
                                   seed=body.seed, stop=[s for s in stop + extra_stop if s])
 
     def pieces(self, prompt: str, settings: GenerationSettings) -> Iterator[str]:

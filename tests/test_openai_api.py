@@ -81,6 +81,15 @@ def test_completion_is_the_library_text(client, loaded):
     assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (6, 20)
 
 
+def test_absent_or_null_sampling_fields_take_the_api_defaults(url, loaded):
+    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 12, "seed": 4}
+    plain = httpx.post(f"{url}/v1/completions", json=body, timeout=CLIENT_TIMEOUT_S).json()
+    nulls = httpx.post(f"{url}/v1/completions", json={**body, "temperature": None, "top_p": None},
+                       timeout=CLIENT_TIMEOUT_S).json()
+    expected = library_text(loaded, "ROMEO:", max_new_tokens=12, temperature=1.0, seed=4)
+    assert plain["choices"][0]["text"] == nulls["choices"][0]["text"] == expected
+
+
 def test_completion_of_several_prompts(client, loaded):
     response = client.completions.create(model=MODEL, prompt=["ROMEO:", "JULIET:"], max_tokens=8, temperature=0)
     assert [c.index for c in response.choices] == [0, 1]
