@@ -105,6 +105,26 @@ def test_scores_match_a_direct_forward_pass(loaded):
     assert logprob == pytest.approx(direct_loglikelihood(loaded, ("ROMEO: " * 10)[-32:], "A"), abs=1e-4)
 
 
+def test_a_bpe_text_is_conditioned_on_end_of_text():
+    """With an end-of-text token, every token of the text is scored, the first one given <|endoftext|>."""
+    from lm_eval.api.instance import Instance
+
+    from project.model import GPT, GPTConfig
+    from project.tokenizer import TiktokenTokenizer
+
+    tokenizer = TiktokenTokenizer("gpt2")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?"
+    ids = tokenizer.encode(text)
+    assert len(ids) < 32  # one window
+    with torch.no_grad():
+        logprobs = model(torch.tensor([[tokenizer.eot_id] + ids[:-1]])).log_softmax(-1)[0]
+    expected = float(logprobs.gather(-1, torch.tensor(ids)[:, None]).sum())
+    (total,) = HarnessLM(model, tokenizer).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert total == pytest.approx(expected, abs=1e-4)
+
+
 def test_generation_requests_are_greedy_and_cut_at_stops(loaded):
     from lm_eval.api.instance import Instance
 
