@@ -331,8 +331,3 @@ def event_stream(events: Iterator[str]) -> StreamingResponse:
 
     return StreamingResponse(guarded(), media_type="text/event-stream")
 
-
-def build_api(loaded: LoadedCheckpoint, **options) -> FastAPI:
-    """A FastAPI app with only the OpenAI routes (see `add_openai_routes` for the options)."""
-    return add_openai_routes(FastAPI(title="GPT OpenAI-compatible API", docs_url=None, redoc_url=None), loaded,
-                             **options)
