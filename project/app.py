@@ -8,8 +8,10 @@ Attention: for a prompt, one layer's and head's attention weights over the promp
 the next-token top-10 probabilities as a bar chart.
 
 Bad input (an empty or too long prompt, a value out of range) gives a message in the page, never a stack
-trace; requests are queued with a concurrency limit, and a failed request leaves the app serving. The app
-listens on 127.0.0.1 unless `--host` says otherwise, and makes a public share link only with `--share true`.
+trace; requests are queued with a concurrency limit, and a failed request leaves the app serving.
+
+`serve` puts the page and an OpenAI-compatible API (/v1, project/openai_api.py) on one FastAPI app and port.
+It listens on 127.0.0.1 unless `--host` says otherwise, and any other host needs an API key.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import copy
 import itertools
 import logging
 import math
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 EXAMPLE_PROMPTS = ["ROMEO:", "First Citizen:\n", "JULIET:\nO Romeo"]
 TOP_N = 10  # next-token probabilities shown
+API_KEY_ENV = "PROJECT_API_KEY"  # the server's API key, when --api_key is not given
 MAX_LABELLED_TOKENS = 48  # beyond this many prompt tokens, the heatmap labels every n-th token only
 
 
@@ -321,3 +325,38 @@ def build_app(loaded: LoadedCheckpoint, *, max_prompt_chars: int = 2000, concurr
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
     demo.app_handlers = app  # the handlers, for tests and notebooks
     return demo
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def build_server(loaded: LoadedCheckpoint, *, api_key: str | None = None, model_name: str = "gpt",
+                 max_prompt_chars: int = 2000, concurrency_limit: int = 2, max_queue: int = 32):
+    """One FastAPI app: the OpenAI-compatible API under /v1 (project/openai_api.py) and the page at /.
+
+    With `api_key`, the API needs it as a bearer token and the page asks for it as the password.
+    """
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from project.openai_api import add_openai_routes
+
+    server = FastAPI(title="GPT playground and OpenAI-compatible API", docs_url=None, redoc_url=None)
+    add_openai_routes(server, loaded, model_name=model_name, api_key=api_key)  # before "/": the routes match first
+    demo = build_app(loaded, max_prompt_chars=max_prompt_chars, concurrency_limit=concurrency_limit,
+                     max_queue=max_queue)
+    auth = None
+    if api_key is not None:
+        def auth(username: str, password: str) -> bool:
+            return secrets.compare_digest(password.encode(), api_key.encode())
+    return gr.mount_gradio_app(server, demo, path="/", auth=auth, show_error=False, ssr_mode=False)
+

@@ -102,32 +102,74 @@ def serve_command(
     ckpt_path: str,
     host: str = "127.0.0.1",
     port: int = 7860,
-    share: bool = False,
+    api_key: str | None = None,
+    model_name: str = "gpt",
     max_prompt_chars: int = 2000,
     concurrency_limit: int = 2,
     max_queue: int = 32,
     device: str = "cpu",
 ) -> None:
-    """Serve a Gradio app to sample from a model and view its attention.
+    """Serve the Gradio app at / and an OpenAI-compatible API under /v1, on one port.
 
     Args:
         ckpt_path: a .ckpt written by `python -m project fit`, or a directory written by `python -m project export`.
-        host: interface to listen on; 127.0.0.1 keeps the app on this machine (0.0.0.0 opens it to the network).
+        host: interface to listen on; 127.0.0.1 keeps the server on this machine. Any other needs an API key.
         port: port to listen on.
-        share: also create a public gradio.live link (off unless asked for).
-        max_prompt_chars: longest prompt accepted, in characters.
-        concurrency_limit: requests processed at once; the rest wait in the queue.
-        max_queue: requests that may wait; beyond this the page asks to try again.
+        api_key: the key clients must send (`Authorization: Bearer KEY`; the page's password); default: the
+            PROJECT_API_KEY environment variable, which keeps it out of the process list.
+        model_name: the model's id in the API (`model` in requests, /v1/models).
+        max_prompt_chars: longest prompt the page accepts, in characters.
+        concurrency_limit: page requests processed at once; the rest wait in the queue.
+        max_queue: page requests that may wait; beyond this the page asks to try again.
         device: torch device, e.g. cpu or cuda.
     """
-    from project.app import build_app  # imports gradio only when the app is built
+    import uvicorn
+
+    from project.app import API_KEY_ENV, build_server, is_loopback  # imports gradio only when the app is built
 
     if not 0 < port < 65536:
         raise ValueError(f"port must be in 1..65535, got {port}")
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    if api_key is None and not is_loopback(host):
+        raise ValueError(f"--host {host} opens the server to the network: set an API key with --api_key or "
+                         f"{API_KEY_ENV}, or keep the default --host 127.0.0.1")
     loaded = load_model(ckpt_path, device=device)
-    demo = build_app(loaded, max_prompt_chars=max_prompt_chars, concurrency_limit=concurrency_limit,
-                     max_queue=max_queue)
-    demo.launch(server_name=host, server_port=port, share=share, show_error=False, ssr_mode=False)
+    server = build_server(loaded, api_key=api_key, model_name=model_name, max_prompt_chars=max_prompt_chars,
+                          concurrency_limit=concurrency_limit, max_queue=max_queue)
+    print(f"serving {loaded.path} on http://{host}:{port}: the page at /, the OpenAI API at /v1", flush=True)
+    uvicorn.run(server, host=host, port=port, log_level="warning")
+
+
+def evaluate_command(
+    *,
+    ckpt_path: str,
+    text: str | None = None,
+    choices: str | None = None,
+    tasks: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> None:
+    """Evaluate a checkpoint with EleutherAI's lm-evaluation-harness (project/evaluate.py) and print the metrics.
+
+    Args:
+        ckpt_path: a .ckpt written by `python -m project fit`, or a directory written by `python -m project export`.
+        text: a UTF-8 text file: bits per byte, byte perplexity and word perplexity.
+        choices: a JSONL file, one {"question": str, "choices": [str, ...], "answer": index} per line: acc, acc_norm.
+        tasks: the harness's own tasks, comma-separated (e.g. hellaswag,arc_easy); their datasets come from the Hub.
+        limit: at most this many documents per task.
+        batch_size: sequences scored per forward pass.
+        device: torch device, e.g. cpu or cuda.
+    """
+    from project.evaluate import evaluate  # imports lm_eval only when it runs
+
+    loaded = load_model(ckpt_path, device=device)
+    names = [name.strip() for name in tasks.split(",") if name.strip()] if tasks else None
+    results = evaluate(loaded.model, loaded.tokenizer, text=text, choices=choices, tasks=names, limit=limit,
+                       batch_size=batch_size)
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            print(f"{task:<20} {name:<16} {value:.4f}")
 
 
 @functools.wraps(prepare_corpus)
@@ -170,7 +212,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "generate": generate_command,
     "export": export_command,  # checkpoint -> Hugging Face transformers directory (project/hf.py)
     "consolidate": consolidate_command,  # DCP folder (ModelParallelStrategy) -> single .ckpt
-    "serve": serve_command,  # Gradio app: generate with streaming, attention view (project/app.py)
+    "serve": serve_command,  # Gradio app + OpenAI-compatible /v1 API on one port (project/app.py, openai_api.py)
+    "evaluate": evaluate_command,  # lm-evaluation-harness on the model in memory (project/evaluate.py)
     "prepare": prepare_command,  # folder of .txt/.parquet -> litdata token chunks for --data.streaming_dir
     "guide": guide_command,  # notebooks/ executed and printed as one PDF (project/guide.py)
 }

@@ -149,13 +149,23 @@ def test_exported_transformers_directory_serves_the_same_text(loaded, handlers, 
     assert list(App(exported).generate("ROMEO:", **args))[-1] == list(handlers.generate("ROMEO:", **args))[-1]
 
 
-def test_serve_binds_locally_without_share_by_default(monkeypatch, trained_run):
+def test_serve_binds_locally_by_default_and_needs_a_key_elsewhere(monkeypatch, trained_run):
+    import uvicorn
+
     calls = {}
-    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: calls.update(kwargs))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(kwargs, app=app))
+    monkeypatch.delenv("PROJECT_API_KEY", raising=False)
     serve_command(ckpt_path=str(trained_run["ckpt"]))
-    assert calls["server_name"] == "127.0.0.1" and calls["share"] is False and calls["server_port"] == 7860
-    serve_command(ckpt_path=str(trained_run["ckpt"]), host="0.0.0.0", port=8001, share=True)
-    assert calls["server_name"] == "0.0.0.0" and calls["share"] is True and calls["server_port"] == 8001
+    assert calls["host"] == "127.0.0.1" and calls["port"] == 7860
+    paths = {getattr(route, "path", None) for route in calls["app"].routes}
+    # the API and the page on one app (Starlette stores the mount at "/" as "")
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions", ""} <= paths
+    with pytest.raises(ValueError, match="--api_key or PROJECT_API_KEY"):
+        serve_command(ckpt_path=str(trained_run["ckpt"]), host="0.0.0.0", port=8001)
+    calls.clear()
+    monkeypatch.setenv("PROJECT_API_KEY", "secret")
+    serve_command(ckpt_path=str(trained_run["ckpt"]), host="0.0.0.0", port=8001)
+    assert calls["host"] == "0.0.0.0" and calls["port"] == 8001
 
 
 def test_serve_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):

@@ -1,0 +1,295 @@
+"""Evaluate a model with EleutherAI's lm-evaluation-harness, on the model in memory.
+
+    python -m project evaluate --ckpt_path CKPT --text valid.txt            bits per byte, word and byte perplexity
+    python -m project evaluate --ckpt_path CKPT --choices quiz.jsonl        multiple-choice acc and acc_norm
+    python -m project evaluate --ckpt_path CKPT --tasks hellaswag,arc_easy  the harness's own tasks (online)
+
+`HarnessLM` adapts our GPT and tokenizer (characters or BPE) to the harness's model interface, so nothing is
+exported and the harness's metrics and task machinery are used as they are. Local files become task configs
+(YAML, `dataset_path: json`) written to a temporary folder:
+
+- `--text FILE`: the whole UTF-8 file is one document scored with `loglikelihood_rolling`; the harness
+  reports `bits_per_byte`, `byte_perplexity` and `word_perplexity` (words split on whitespace).
+- `--choices FILE.jsonl`: one question per line, `{"question": str, "choices": [str, ...], "answer": int}`
+  (`answer` indexes `choices`). Each choice is scored as the continuation of `question + " " + choice`;
+  `acc` takes the most likely choice, `acc_norm` the most likely per byte of the choice.
+
+Rolling windows. The text is cut into consecutive, non-overlapping windows of `block_size` predicted tokens,
+as the harness's Hugging Face model does (context_len 1): each token sees the tokens before it in its own
+window. A vocabulary with an end-of-text token conditions the first token on it; a character vocabulary
+has none, so its first character is context only and is not scored. For a character model this is exactly
+the windowing of the training's validation set (`ValWindows`: windows starting at 0, block_size, ...),
+except that the harness also scores the last (n - 1) mod block_size characters that do not fill a window.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+
+from project.generate import generate
+from project.model import GPT
+from project.tokenizer import Tokenizer
+
+TEXT_TASK = "project_text"
+CHOICES_TASK = "project_choices"
+TEXT_METRICS = ("bits_per_byte", "byte_perplexity", "word_perplexity")
+CHOICE_METRICS = ("acc", "acc_norm")
+HUB_PROBE_TIMEOUT_S = 5.0  # a reachable Hub answers a TCP connect in well under this
+
+
+class HarnessLM(TemplateLM):
+    """Our GPT as an lm-evaluation-harness model: log-likelihoods, rolling log-likelihoods and greedy generation.
+
+    Args:
+        model: the GPT, in eval mode on its device.
+        tokenizer: the checkpoint's tokenizer.
+        batch_size: sequences scored per forward pass.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int = 32) -> None:
+        super().__init__()
+        # not `self.tokenizer`: the harness reads that as a Hugging Face tokenizer (chat templates)
+        self.model, self.project_tokenizer = model, tokenizer
+        self.batch_size = batch_size
+        self.block_size = model.config.block_size
+        self.model_device = next(model.parameters()).device
+
+    @property
+    def eot_token_id(self) -> int | None:
+        return self.project_tokenizer.eot_id
+
+    @property
+    def max_length(self) -> int:
+        return self.block_size
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.project_tokenizer.encode(string)
+
+    def tok_decode(self, tokens: list[int], **kwargs) -> str:
+        return self.project_tokenizer.decode(tokens)
+
+    @torch.inference_mode()
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(sum of log-probabilities of the continuation, whether it is the greedy one) per (context, continuation).
+
+        Each pair is scored in one forward pass over its last block_size tokens; sequences are padded on the
+        right, which a causal model never attends to.
+        """
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))  # similar lengths batch
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            inputs = []
+            for i in rows:
+                context, continuation = pairs[i]
+                if not continuation:
+                    continue
+                if len(continuation) > self.block_size:
+                    raise ValueError(f"a continuation of {len(continuation)} tokens exceeds the model's context "
+                                     f"({self.block_size})")
+                inputs.append((i, (context + continuation)[-(self.block_size + 1) :][:-1], len(continuation)))
+            if not inputs:
+                continue
+            width = max(len(ids) for _, ids, _ in inputs)
+            idx = torch.zeros(len(inputs), width, dtype=torch.long, device=self.model_device)
+            for row, (_, ids, _) in enumerate(inputs):
+                idx[row, : len(ids)] = torch.tensor(ids)
+            logprobs = F.log_softmax(self.model(idx).float(), dim=-1)  # (B, T, V)
+            for row, (i, ids, n) in enumerate(inputs):
+                target = torch.tensor(pairs[i][1], device=self.model_device)
+                predicted = logprobs[row, len(ids) - n : len(ids)]  # (n, V): the positions predicting the continuation
+                total = predicted.gather(-1, target[:, None]).sum()
+                results[i] = (float(total), bool((predicted.argmax(-1) == target).all()))
+        return results
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        pairs = []
+        for _, context, continuation in requests:
+            if None in context:  # an empty context and no end-of-text token to stand for it
+                raise ValueError("an empty context needs an end-of-text token, which this vocabulary lacks")
+            pairs.append((context, continuation))
+        return self.score(pairs)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of each whole text, summed over non-overlapping windows (see the module docstring)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        totals = []
+        for (text,) in (request.args for request in requests):
+            ids = self.tok_encode(text)
+            if self.eot_token_id is not None:
+                prefix, predicted = self.eot_token_id, ids
+            else:
+                prefix, predicted = ids[0], ids[1:]
+            windows = [make_disjoint_window(window) for window in
+                       get_rolling_token_windows(predicted, prefix, max_seq_len=self.block_size, context_len=1)]
+            totals.append(sum(logprob for logprob, _ in self.score(windows)))
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations (through project.generate), cut at the request's stop strings."""
+        outputs = []
+        for context, gen_kwargs in (request.args for request in requests):
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.get("max_gen_toks", 256))
+            ids = self.tok_encode(context)[-self.block_size :] or [self.eot_token_id or 0]
+            idx = torch.tensor([ids], dtype=torch.long, device=self.model_device)
+            out = generate(self.model, idx, max_new, temperature=0.0, eot_id=self.eot_token_id, stop=until or None,
+                           tokenizer=self.project_tokenizer)
+            new = out[0, len(ids) :].tolist()
+            if self.eot_token_id in new:
+                new = new[: new.index(self.eot_token_id)]
+            text = self.tok_decode(new)
+            for stop in until:
+                text = text.split(stop)[0]
+            outputs.append(text)
+        return outputs
+
+
+# --- local tasks ---------------------------------------------------------------------------------------------
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a UTF-8 file, or a one-line ValueError naming what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {path} does not exist: pass --text pointing to a UTF-8 text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"text file {path} is not UTF-8 (byte {err.start}): re-encode it, e.g. iconv -t utf-8") from None
+    if len(text) < 2:
+        raise ValueError(f"text file {path} has fewer than 2 characters: nothing to score")
+    return text
+
+
+def read_choices(path: str | Path) -> list[dict]:
+    """The questions of a multiple-choice JSONL file, checked line by line (one-line ValueError otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"choices file {path} does not exist: pass --choices pointing to a .jsonl file")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where} is not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+            raise ValueError(f'{where}: expected {{"question": str, "choices": [str, ...], "answer": int}}')
+        choices, answer = row.get("choices"), row.get("answer")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise ValueError(f"{where}: choices must be a list of at least 2 non-empty strings")
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+            raise ValueError(f"{where}: answer must be the index of the right choice, 0 to {len(choices) - 1}")
+        rows.append({"question": row["question"], "choices": choices, "answer": answer})
+    if not rows:
+        raise ValueError(f"choices file {path} has no questions")
+    return rows
+
+
+def write_task(folder: Path, name: str, rows: list[dict], config: dict) -> None:
+    """A local harness task: its documents as JSONL and its YAML config, in `folder`."""
+    import yaml
+
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", **config}
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False), encoding="utf-8")
+
+
+def text_task_config() -> dict:
+    aggregations = {"bits_per_byte": "bits_per_byte", "byte_perplexity": "weighted_perplexity",
+                    "word_perplexity": "weighted_perplexity"}  # the harness's own, named so it does not warn
+    return {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+            "metric_list": [{"metric": m, "aggregation": aggregations[m], "higher_is_better": False}
+                            for m in TEXT_METRICS]}
+
+
+def choices_task_config() -> dict:
+    return {"output_type": "multiple_choice", "doc_to_text": "question", "doc_to_choice": "choices",
+            "doc_to_target": "answer",
+            "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in CHOICE_METRICS]}
+
+
+# --- standard tasks ----------------------------------------------------------------------------------------------
+
+
+def check_hub_reachable() -> None:
+    """ConnectionError at once when the Hugging Face Hub cannot be reached (its datasets would retry for ~20 s).
+
+    With HF_HUB_OFFLINE=1 nothing is probed: the harness then reads datasets from the local cache only.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConnectionError(
+            f"cannot reach {endpoint.hostname} to download the datasets of --tasks ({err}): run online, or set "
+            "HF_HUB_OFFLINE=1 to use datasets already cached; --text and --choices work offline"
+        ) from None
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+
+def evaluate(model: GPT, tokenizer: Tokenizer, *, text: str | Path | None = None, choices: str | Path | None = None,
+             tasks: list[str] | None = None, limit: int | None = None, batch_size: int = 32) -> dict[str, dict]:
+    """Run the harness on `model` and return {task: {metric: value}}.
+
+    Args:
+        text: a UTF-8 text file: bits per byte and byte/word perplexity (task "project_text").
+        choices: a multiple-choice JSONL file: acc and acc_norm (task "project_choices").
+        tasks: names of the harness's own tasks (need their datasets: online, or in the HF cache).
+        limit: at most this many documents per task (for quick checks).
+        batch_size: sequences scored per forward pass.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    if text is None and choices is None and not tasks:
+        raise ValueError("nothing to evaluate: pass --text FILE, --choices FILE.jsonl or --tasks NAME[,NAME...]")
+    if tasks:
+        check_hub_reachable()
+    with tempfile.TemporaryDirectory(prefix="project-eval-") as folder:
+        folder = Path(folder)
+        names = []
+        if text is not None:
+            write_task(folder, TEXT_TASK, [{"text": read_text(text)}], text_task_config())
+            names.append(TEXT_TASK)
+        if choices is not None:
+            write_task(folder, CHOICES_TASK, read_choices(choices), choices_task_config())
+            names.append(CHOICES_TASK)
+        # the harness's own task index takes seconds to build: only when its tasks are asked for
+        manager = TaskManager(include_path=str(folder), include_defaults=bool(tasks))
+        unknown = [name for name in tasks or [] if name not in manager.all_tasks]
+        if unknown:
+            raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}: list them with `lm-eval ls tasks`")
+        lm = HarnessLM(model, tokenizer, batch_size=batch_size)
+        try:
+            output = simple_evaluate(model=lm, tasks=names + list(tasks or []), task_manager=manager, limit=limit,
+                                     bootstrap_iters=0, log_samples=False)
+        except ConnectionError as err:  # a dataset to download while offline
+            first = str(err).splitlines()[0]
+            raise ConnectionError(f"{first}: these tasks need their datasets from the Hugging Face Hub; run online "
+                                  "once to cache them, or evaluate local files with --text / --choices") from None
+    return {task: {key.split(",")[0]: value for key, value in metrics.items()
+                   if key.endswith(",none") and "_stderr" not in key}
+            for task, metrics in output["results"].items()}
