@@ -14,12 +14,13 @@ exported and the harness's metrics and task machinery are used as they are. Loca
   (`answer` indexes `choices`). Each choice is scored as the continuation of `question + " " + choice`;
   `acc` takes the most likely choice, `acc_norm` the most likely per byte of the choice.
 
-Rolling windows. The text is cut into consecutive, non-overlapping windows of `block_size` predicted tokens,
-as the harness's Hugging Face model does (context_len 1): each token sees the tokens before it in its own
-window. A vocabulary with an end-of-text token conditions the first token on it; a character vocabulary
-has none, so its first character is context only and is not scored. For a character model this is exactly
-the windowing of the training's validation set (`ValWindows`: windows starting at 0, block_size, ...),
-except that the harness also scores the last (n - 1) mod block_size characters that do not fill a window.
+Rolling windows. The text is cut into consecutive windows of `block_size` predicted tokens, as the harness's
+Hugging Face model does (context_len 1: each window's first prediction sees the previous window's last token).
+A vocabulary with an end-of-text token conditions the first token on it; a character vocabulary has none, so
+its first character is context only and is not scored. The training's validation set (`ValWindows`) instead
+takes non-overlapping windows of block_size + 1 tokens whose first token is context only: a text holding one
+such window is scored exactly alike; over a long text the harness also scores each window's first token
+(with one token of context) and the tail that fills no window.
 """
 
 from __future__ import annotations

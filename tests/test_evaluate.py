@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -39,29 +41,31 @@ def val_bpb(trained_run) -> float:
 
 
 def test_bits_per_byte_agrees_with_val_bpb(loaded, val_bpb, shakespeare_path, tmp_path):
-    """The harness's rolling windows are the validation windows; only the text's tail differs (module docstring).
+    """The harness scores each validation window exactly as val/bpb does; over the whole split only windowing differs.
 
-    TinyShakespeare is ASCII, so a byte is a character is a token. With n characters and block_size B,
-    val/bpb scores W * B characters (W = (n - 1) // B windows, the first character being context only) and
-    averages over them; the harness scores all n - 1 and divides by n bytes.
+    TinyShakespeare is ASCII, so a byte is a character is a token. `ValWindows` cuts the n validation characters
+    into W = n // (B + 1) non-overlapping windows of B + 1 (block_size B), the first character of each being
+    context only: val/bpb averages W * B scored characters. Given one window as its own text, the harness's
+    rolling log-likelihood scores the same B characters with the same contexts. Given the whole split as one text,
+    its rolling windows overlap by one character, so it also scores those W first characters (with one character
+    of context) and the tail that fills no window, and divides by all n bytes.
     """
     text = shakespeare_path.read_text(encoding="utf-8")
     val = text[int(len(text) * (1 - VAL_FRACTION)) :]
     block = loaded.model.config.block_size
-    windows = (len(val) - 1) // block
+    count = len(val) // (block + 1)
+    windows = [val[i * (block + 1) : (i + 1) * (block + 1)] for i in range(count)]
 
-    # cut to exactly the validation windows: the same tokens with the same contexts, so only the divisor differs
-    aligned = tmp_path / "aligned.txt"
-    aligned.write_text(val[: windows * block + 1], encoding="utf-8")
-    bpb = evaluate(loaded.model, loaded.tokenizer, text=aligned)["project_text"]["bits_per_byte"]
-    assert bpb == pytest.approx(val_bpb * (windows * block) / (windows * block + 1), rel=1e-5)
+    lm = HarnessLM(loaded.model, loaded.tokenizer)
+    nats = -sum(lm.loglikelihood_rolling([SimpleNamespace(args=(window,)) for window in windows]))
+    assert nats / math.log(2) / (count * block) == pytest.approx(val_bpb, rel=1e-5)
 
-    # the whole split: (n - 1) mod B more characters, each costing at most a few dozen bits
     whole = tmp_path / "val.txt"
     whole.write_text(val, encoding="utf-8")
     metrics = evaluate(loaded.model, loaded.tokenizer, text=whole)["project_text"]
-    tail = (len(val) - 1) % block + 1
-    assert abs(metrics["bits_per_byte"] - val_bpb) < tail * 30 / len(val)  # here 13 characters: < 0.0035 bits
+    # the extra characters are count + tail of n (about 1 / (B + 1)); each costs at most a few bits more or less
+    extra = (len(val) - 1 - count * block) / len(val)
+    assert abs(metrics["bits_per_byte"] - val_bpb) < extra * 4
     assert metrics["byte_perplexity"] == pytest.approx(2 ** metrics["bits_per_byte"], rel=1e-6)
     assert metrics["word_perplexity"] > metrics["byte_perplexity"]  # a word is several bytes
 
