@@ -22,6 +22,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -425,19 +426,34 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: b
     return out
 
 
-def export_command(*, ckpt_path: str, out: str, overwrite: bool = False) -> None:
-    """Export a checkpoint to a Hugging Face transformers directory (GPT-2 or Llama architecture).
+def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = "hf",
+                   dtype: Literal["f32", "f16", "q8_0"] = "f32", overwrite: bool = False) -> None:
+    """Export a checkpoint to a Hugging Face transformers directory, or to GGUF for llama.cpp and Ollama.
 
-    The directory loads with AutoModelForCausalLM / AutoTokenizer / pipeline("text-generation") and gives
-    the same logits as the checkpoint.
+    `--format hf` (GPT-2 or Llama architecture) loads with AutoModelForCausalLM / AutoTokenizer /
+    pipeline("text-generation") and gives the same logits as the checkpoint. `--format gguf` writes
+    model.gguf and an Ollama Modelfile (project/gguf_export.py).
 
     Args:
         ckpt_path: a .ckpt written by `python -m project fit`.
-        out: the directory to write (config.json, model.safetensors, generation_config.json, tokenizer files).
-        overwrite: replace the files of an existing non-empty directory.
+        out: the directory to write (config.json, model.safetensors, generation_config.json, tokenizer files;
+            or model.gguf and Modelfile).
+        format: hf (transformers directory) or gguf (one .gguf file for llama.cpp, plus a Modelfile).
+        dtype: GGUF weight precision (f32, f16 or q8_0); the hf format is always f32.
+        overwrite: replace the files of an existing export.
     """
     from project.checkpoint import load_checkpoint
 
+    if format == "gguf":
+        from project.gguf_export import check_gguf_output, export_gguf
+
+        check_gguf_output(out, overwrite)  # fail before loading anything
+        loaded = load_checkpoint(ckpt_path)
+        path = export_gguf(loaded.model.float(), loaded.tokenizer, out, dtype=dtype, overwrite=overwrite)
+        print(f"exported {ckpt_path} as GGUF ({dtype}) to {path}, with an Ollama Modelfile beside it")
+        return
+    if dtype != "f32":
+        raise ValueError(f"--dtype {dtype} applies to --format gguf only: the hf format is always f32")
     out_path = Path(out)
     if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:  # fail before loading anything
         raise FileExistsError(f"output directory {out_path} is not empty: pass --overwrite true to replace its contents")
