@@ -243,7 +243,7 @@ def tensor_data(name: str, tensor: torch.Tensor, dtype: str):
     """(array, GGML type) of one tensor at the requested precision; vectors and position tables stay f32."""
     gguf = _require_gguf()
     array = tensor.numpy()
-    if dtype == "f32" or array.ndim == 1 or name.startswith("position_embd"):
+    if dtype == "f32" or array.ndim == 1 or name.startswith(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.POS_EMBD]):
         return array, gguf.GGMLQuantizationType.F32
     if dtype == "q8_0":
         block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
@@ -267,7 +267,18 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")  # a failure never leaves a half-written file at `path`
-    writer = gguf.GGUFWriter(partial, arch)
+    try:
+        _write_contents(gguf.GGUFWriter(partial, arch), arch, config, vocab, tensors, dtype, name)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _write_contents(writer, arch: str, config: GPTConfig, vocab: GGUFVocab, tensors: dict[str, torch.Tensor],
+                    dtype: str, name: str) -> None:
+    """Hyperparameters, tokenizer and tensors through an open GGUFWriter, which is closed at the end."""
+    gguf = _require_gguf()
     try:
         writer.add_name(name)
         writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[dtype]]))
@@ -305,11 +316,6 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = 
         writer.write_tensors_to_file()
     finally:
         writer.close()
-    try:
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
 
 
 def modelfile_text(gguf_name: str, config: GPTConfig, eot_text: str | None) -> str:

@@ -241,3 +241,16 @@ def test_export_cli(trained_run, tmp_path, capsys):
         main(["export", "--ckpt_path", str(trained_run["ckpt"]), "--out", str(tmp_path / "hf"), "--dtype", "f16"])
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --dtype f16 applies to --format gguf only: the hf format is always f32")
+
+
+def test_export_cli_refuses_a_model_llama_cpp_cannot_represent(chars, tmp_path, capsys):
+    model = random_gpt(chars.vocab_size, **dict(GPT2_STYLE, gelu_approximate="none"))
+    ckpt = tmp_path / "erf.ckpt"  # what load_checkpoint reads from a checkpoint of `fit`
+    torch.save({"hyper_parameters": {"config": model.config.to_dict()}, "tokenizer": chars.state_dict(),
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "gguf"), "--format", "gguf"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: llama.cpp's gpt2 architecture uses the tanh GELU") and err.count("\n") == 1
+    assert not (tmp_path / "gguf" / "model.gguf").exists()
