@@ -184,7 +184,6 @@ def test_character_tokenizer_escapes_control_characters(tmp_path):
 
 @needs_llama_cpp
 def test_gpt2_bpe_tokenizer_matches_tiktoken(tmp_path, shakespeare_path):
-    pytest.importorskip("transformers")  # the BPE vocabulary comes from the tokenizer.json the HF export builds
     tok = TiktokenTokenizer("gpt2")
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32))
     path = export_gguf(model, tok, tmp_path / "bpe")
