@@ -7,6 +7,11 @@ Two more rows sample as the CLI does by default (temperature 0.8, top-k 200), ou
 A further row runs our KV-cached decoding with `compile=True` (each single-token step under torch.compile); its
 one-off compile time is printed apart and left out of its tokens/s.
 
+At batch 1, llama.cpp (llama-cpp-python, when importable) decodes greedily from the same weights exported to an
+f32 GGUF file by `project.gguf_export` (the mapping `export --format gguf` uses), in this process, with as many
+threads as torch and its default (float16) KV cache. Its vocabulary is a stand-in (one character per id):
+decoding speed does not depend on the tokenizer.
+
     python benchmarks/generate.py                      # configs/shakespeare.yaml's model (GPT-2 BPE), block 512
     python benchmarks/generate.py --model char         # configs/shakespeare-char.yaml's model (65 characters)
     python benchmarks/generate.py --quick              # a small smoke run (seconds)
@@ -17,10 +22,12 @@ Tokens/s counts new tokens only (batch * max_new_tokens / wall time), prefill in
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +41,7 @@ import torch  # noqa: E402
 from project.generate import generate  # noqa: E402
 from project.hf import to_hf_model  # noqa: E402 (the same weight mapping as `export`)
 from project.model import GPT, GPTConfig  # noqa: E402
+from project.tokenizer import CharTokenizer  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=list(MODELS), default="bpe",
                         help="whose model shape: configs/shakespeare.yaml (bpe) or configs/shakespeare-char.yaml (char)")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the compiled decoding row")
+    parser.add_argument("--skip-llama-cpp", action="store_true", help="leave out llama.cpp on the exported GGUF")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -123,6 +132,12 @@ def main(argv: list[str] | None = None) -> None:
         baseline["ours, KV, compile"] = "HF generate"
     if hf is not None:
         methods["HF generate"] = hf_generate()
+    llama = None
+    if not args.skip_llama_cpp and 1 in args.batch_sizes:
+        llama = llama_cpp_on_gguf(model, workdir := tempfile.TemporaryDirectory())
+    if llama is not None:
+        methods["llama.cpp, f32"] = llama_cpp_greedy(llama, new_tokens)
+        baseline["llama.cpp, f32"] = "HF generate"
     if not args.skip_sampling:
         methods["ours, KV, top-k"] = ours(True, sample=True)
         baseline["ours, KV, top-k"] = baseline["HF, top-k"] = "HF, top-k"
@@ -132,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     outputs: dict[tuple[str, int], torch.Tensor] = {}
 
     def skipped(name: str, b: int) -> bool:
-        return name == "ours, no cache" and b not in nocache_batches
+        return (name == "ours, no cache" and b not in nocache_batches) or (name.startswith("llama.cpp") and b != 1)
 
     warmup: dict[tuple[str, int], float] = {}
     for name, fn in methods.items():  # warm-up (and outputs for the agreement check)
@@ -158,11 +173,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; "
           f"median of {repeats} (no cache: {nocache_repeats}) interleaved runs\n")
     header = f"| {'method':<17} | {'batch':>5} | {'median s':>9} | {'tokens/s':>9} | {'vs HF':>6} | {'vs no cache':>11} |"
-    greedy = ("ours, KV cache", "ours, no cache", "HF generate", "ours, KV, compile")
+    against_llama: dict[str, float] = {}
+    greedy = ("ours, KV cache", "ours, no cache", "HF generate", "ours, KV, compile", "llama.cpp, f32")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for b in args.batch_sizes:
         tps = {m: b * new_tokens / statistics.median(times[m, b]) for m in methods if times[m, b]}
+        if b == 1 and "llama.cpp, f32" in tps:
+            against_llama = {m: tps[m] / tps["llama.cpp, f32"] for m in ("ours, KV cache", "ours, KV, compile") if m in tps}
         for m in methods:
             if m not in tps:
                 print(f"| {m:<17} | {b:>5} | {'-':>9} | {'-':>9} | {'-':>6} | {'-':>11} |")
@@ -173,9 +191,40 @@ def main(argv: list[str] | None = None) -> None:
     same = [f"{m} b{b}: {(outputs[m, b] == outputs['ours, KV cache', b]).float().mean().item():.0%}"
             for m in greedy[1:] for b in args.batch_sizes if (m, b) in outputs]
     print("\ngreedy tokens equal to ours with KV cache: " + ", ".join(same))
+    if against_llama:
+        print("batch 1 against llama.cpp (same f32 weights): "
+              + ", ".join(f"{m} {ratio:.2f}x" for m, ratio in against_llama.items()))
     if "ours, KV, compile" in methods:
         print("compiled decoding, first call (compilation + one run): "
               + ", ".join(f"batch {b}: {warmup['ours, KV, compile', b]:.1f} s" for b in args.batch_sizes))
+    if llama is not None:
+        llama.close()
+        workdir.cleanup()
+
+
+def llama_cpp_on_gguf(model: GPT, workdir: tempfile.TemporaryDirectory):
+    """llama.cpp (llama-cpp-python) on `model` exported to an f32 GGUF file, or None where it is not installed."""
+    try:
+        import llama_cpp
+    except (ImportError, OSError) as err:
+        print(f"llama.cpp row left out: llama-cpp-python cannot be imported ({err})", flush=True)
+        return None
+    from project.gguf_export import export_gguf
+
+    stand_in = CharTokenizer("".join(chr(0x100 + i) for i in range(model.config.vocab_size)))
+    path = export_gguf(model, stand_in, Path(workdir.name) / "gguf", dtype="f32")
+    threads = torch.get_num_threads()
+    return llama_cpp.Llama(model_path=str(path), n_ctx=model.config.block_size, n_threads=threads,
+                           n_threads_batch=threads, verbose=False)
+
+
+def llama_cpp_greedy(llama, new_tokens: int):
+    """Greedy decoding of one prompt (1, T) in llama.cpp, prefill included: (1, T + new_tokens) ids."""
+    def run(idx):
+        llama.reset()
+        new = itertools.islice(llama.generate(idx[0].tolist(), temp=0.0, top_k=1), new_tokens)
+        return torch.cat([idx, torch.tensor([list(new)])], dim=1)
+    return run
 
 
 if __name__ == "__main__":

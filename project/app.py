@@ -16,8 +16,6 @@ It listens on 127.0.0.1 unless `--host` says otherwise, and any other host needs
 
 from __future__ import annotations
 
-import copy
-import itertools
 import logging
 import math
 import secrets
@@ -29,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from project.checkpoint import LoadedCheckpoint, load_model
-from project.generate import GenerationSettings, stream, validate_sampling
+from project.generate import GenerationSettings, request_model, stream, validate_sampling
 from project.model import GPT
 from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
 
@@ -43,16 +41,6 @@ EXAMPLE_PROMPTS = ["ROMEO:", "First Citizen:\n", "JULIET:\nO Romeo"]
 TOP_N = 10  # next-token probabilities shown
 API_KEY_ENV = "PROJECT_API_KEY"  # the server's API key, when --api_key is not given
 MAX_LABELLED_TOKENS = 48  # beyond this many prompt tokens, the heatmap labels every n-th token only
-
-
-# --- loading -----------------------------------------------------------------------------------------------
-
-
-def request_model(model: GPT) -> GPT:
-    """A copy of `model` sharing every weight tensor but with its own modules, so concurrent requests each
-    get their own KV cache (the cache lives on the attention modules)."""
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, shared)
 
 
 # --- what the page shows -------------------------------------------------------------------------------------

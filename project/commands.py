@@ -16,11 +16,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from jsonargparse import auto_cli
 
 from project.checkpoint import consolidate_checkpoint, load_checkpoint, load_model
 from project.cli import PROG, OneLineErrorParser, run_lightning
+from project.gguf_export import GGUFDtype
 from project.guide import NOTEBOOK_DIR, build_guide  # imports nbclient/nbconvert only when it runs
 from project.streaming import prepare_corpus  # imports litdata only when it runs
 
@@ -72,19 +74,33 @@ def generate_command(
     sys.stdout.write("\n")
 
 
-def export_command(*, ckpt_path: str, out: str, overwrite: bool = False) -> None:
-    """Export a checkpoint to a Hugging Face transformers directory (GPT-2 or Llama architecture).
+def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = "hf", dtype: GGUFDtype = "f32",
+                   overwrite: bool = False) -> None:
+    """Export a checkpoint to a Hugging Face transformers directory, or to GGUF for llama.cpp and Ollama.
 
-    The directory loads with AutoModelForCausalLM / AutoTokenizer / pipeline("text-generation") and gives
-    the same logits as the checkpoint.
+    `--format hf` (GPT-2 or Llama architecture) loads with AutoModelForCausalLM / AutoTokenizer /
+    pipeline("text-generation") and gives the same logits as the checkpoint. `--format gguf` writes
+    model.gguf and an Ollama Modelfile (project/gguf_export.py).
 
     Args:
         ckpt_path: a .ckpt written by `python -m project fit`.
-        out: the directory to write (config.json, model.safetensors, generation_config.json, tokenizer files).
-        overwrite: replace the files of an existing non-empty directory.
+        out: the directory to write (config.json, model.safetensors, generation_config.json, tokenizer files;
+            or model.gguf and Modelfile).
+        format: hf (transformers directory) or gguf (one .gguf file for llama.cpp, plus a Modelfile).
+        dtype: GGUF weight precision (f32, f16 or q8_0); the hf format is always f32.
+        overwrite: replace the files of an existing export.
     """
+    from project.gguf_export import check_gguf_output, export_gguf
     from project.hf import check_export_target, export_hf, hf_architecture
 
+    if format == "gguf":
+        check_gguf_output(out, overwrite)  # fail before loading anything
+        loaded = load_checkpoint(ckpt_path)
+        path = export_gguf(loaded.model.float(), loaded.tokenizer, out, dtype=dtype, overwrite=overwrite)
+        print(f"exported {ckpt_path} as GGUF ({dtype}) to {path}, with an Ollama Modelfile beside it")
+        return
+    if dtype != "f32":
+        raise ValueError(f"--dtype {dtype} applies to --format gguf only: the hf format is always f32")
     out_path = check_export_target(out, overwrite)  # fail before loading anything
     loaded = load_checkpoint(ckpt_path)
     export_hf(loaded.model.float(), loaded.tokenizer, out_path, overwrite=overwrite)
@@ -210,7 +226,7 @@ def guide_command(
 # the project's own commands, beside LightningCLI's fit/validate/test/predict
 COMMANDS: dict[str, Callable[..., None]] = {
     "generate": generate_command,
-    "export": export_command,  # checkpoint -> Hugging Face transformers directory (project/hf.py)
+    "export": export_command,  # checkpoint -> transformers directory (project/hf.py) or GGUF (gguf_export.py)
     "consolidate": consolidate_command,  # DCP folder (ModelParallelStrategy) -> single .ckpt
     "serve": serve_command,  # Gradio app + OpenAI-compatible /v1 API on one port (project/app.py, openai_api.py)
     "evaluate": evaluate_command,  # lm-evaluation-harness on the model in memory (project/evaluate.py)

@@ -11,7 +11,9 @@ new tokens outgrow the context, the window slides: each further token is predict
 from __future__ import annotations
 
 import codecs
+import copy
 import functools
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -315,3 +317,9 @@ def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], setting
             completions[i] = text
     return [completions[i] for i in range(len(prompts))]
 
+
+def request_model(model: GPT) -> GPT:
+    """A copy of `model` sharing every weight tensor but with its own modules, so concurrent requests each
+    get their own KV cache (the cache lives on the attention modules)."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared)

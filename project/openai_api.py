@@ -43,9 +43,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from project.app import request_model
 from project.checkpoint import LoadedCheckpoint
-from project.generate import GenerationSettings, stream, validate_sampling
+from project.generate import GenerationSettings, request_model, stream, validate_sampling
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,10 @@
-"""benchmarks/train.py runs end to end (--quick: a tiny model, a few steps; no timing assertions)."""
+"""benchmarks/train.py and generate.py run end to end (--quick: a tiny model, a few steps; no timing assertions)."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import REPO, SHAKESPEARE
 
@@ -32,3 +34,15 @@ def test_quality_table_has_every_architecture_and_optimizer(tmp_path, shakespear
         for optimizer in ("adamw", "muon"):
             row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {arch} | {optimizer} |"))
             assert "failed" not in row and "nan" not in row, row
+
+
+def test_generation_benchmark_has_a_llama_cpp_row(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python cannot be imported (install "
+                        "../shared/wheels/llama_cpp_python-*.whl, see its README)", exc_type=ImportError)
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generate.py"), "--quick", "--skip-hf",
+                             "--skip-compile", "--skip-sampling", "--batch-sizes", "1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| llama.cpp, f32 "))
+    assert float(row.split("|")[4]) > 0, row
+    assert "batch 1 against llama.cpp (same f32 weights): ours, KV cache " in result.stdout
