@@ -45,9 +45,8 @@ class LitdataMissingError(ImportError, ValueError):
 def import_litdata():
     """The litdata module, or LitdataMissingError naming the install command.
 
-    litdata asks PyPI for a newer release of itself when a StreamingDataset is built. Recent releases skip that
-    when the environment sets LITDATA_DISABLE_VERSION_CHECK=1 (see docs/scaling.md); 0.2.44, the pinned extra,
-    has no switch, and its one lookup per process returns nothing when offline.
+    litdata asks PyPI for a newer release of itself when a StreamingDataset is built (see docs/scaling.md); 0.2.44,
+    the pinned extra, has no switch, and its one lookup per process returns nothing when offline.
     """
     try:
         import litdata

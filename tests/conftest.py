@@ -23,7 +23,10 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED_DATA / "tiktoken"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # honoured by litdata releases that have the switch
+# no test reaches the internet: HTTPS goes to a closed loopback port and fails at once. (litdata 0.2.44 asks PyPI
+# for a newer release whenever a StreamingDataset is built, and has no switch; loopback servers stay reachable.)
+os.environ.setdefault("HTTPS_PROXY", "http://127.0.0.1:9")
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost,::1")
 
 
 @pytest.fixture(scope="session")
