@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from project.checkpoint import consolidate_checkpoint, read_checkpoint
 from project.callbacks import (GPTCheckpoint, NonFiniteLossGuard, PredictionWriter, TextSampleCallback,
                                TokenThroughputMonitor)
-from project.data import TextDataModule
+from project.data import TextDataModule, train_tokenizer
 from project.hf import export_command
 from project.app import serve_command  # imports gradio only when the app is built
 from project.module import VAL_LOSS, GPTModule
@@ -80,15 +80,20 @@ class GPTCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        """A character model's vocabulary comes from its checkpoint, so resuming or predicting needs no corpus."""
+        """A character model's vocabulary comes from its checkpoint, so resuming or predicting needs no corpus;
+        so does a `bpe:N` model's tokenizer when predicting."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         ckpt_path = config.get("ckpt_path")
-        if config.data.tokenizer != "char" or config.data.vocabulary or not ckpt_path or not Path(ckpt_path).is_file():
+        if config.data.vocabulary or not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        if config.data.tokenizer != "char" and not (config.data.tokenizer.startswith("bpe:") and self.subcommand == "predict"):
             return
         checkpoint = getattr(self, "_checkpoint", None) or read_checkpoint(ckpt_path)
         state = checkpoint.get("tokenizer", {})
-        if state.get("kind") == "char":
+        if state.get("kind") == "char" and config.data.tokenizer == "char":
             config.data.vocabulary = state["chars"]
+        elif state.get("kind") == "bpe" and config.data.tokenizer != "char":
+            config.data.vocabulary = state["tokenizer_json"]
 
 
 # GPTConfig fields that shape the weights: a config asking for other values than the checkpoint's is an error
@@ -210,6 +215,19 @@ def generate_command(
     sys.stdout.write("\n")
 
 
+def train_tokenizer_command(*, path: str, out: str, vocab_size: int = 4096) -> None:
+    """Train a byte-level BPE tokenizer on a text file, for `--data.tokenizer OUT`.
+
+    Args:
+        path: the UTF-8 corpus to learn the merges from (train on training text only, not validation).
+        out: the folder to create (it holds tokenizer.json); it must not exist.
+        vocab_size: tokens in the vocabulary: 256 bytes + end-of-text + merges (257 to 65536).
+    """
+    tokenizer = train_tokenizer(path, vocab_size, out)
+    print(f"trained a byte-level BPE of {tokenizer.vocab_size} tokens on {path} -> {out} "
+          f"(use --data.tokenizer {out})")
+
+
 # the project's own commands, beside LightningCLI's fit/validate/test/predict
 COMMANDS: dict[str, Callable[..., None]] = {
     "generate": generate_command,
@@ -217,6 +235,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "consolidate": consolidate_checkpoint,  # DCP folder (ModelParallelStrategy) -> single .ckpt
     "serve": serve_command,  # Gradio app: generate with streaming, attention view (project/app.py)
     "prepare": prepare_corpus,  # folder of .txt/.parquet -> litdata token chunks for --data.streaming_dir
+    "train-tokenizer": train_tokenizer_command,  # text file -> byte-level BPE folder for --data.tokenizer
 }
 
 

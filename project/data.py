@@ -1,7 +1,8 @@
 """Text -> token file -> token windows, wrapped as a LightningDataModule.
 
     corpus (TinyShakespeare, downloaded and checksummed, or any UTF-8 file)
-      -> tokenizer (GPT-2 BPE or characters), once, 90/10 split by characters
+      -> tokenizer (GPT-2 BPE, characters, or a byte-level BPE trained on the training split), once,
+         90/10 split by characters
       -> <data_dir>/<corpus>-<tokenizer>-<hash>/{train,val}.bin (numpy memmap) + meta.json
       -> train: endless seeded random windows, a distinct stream per rank; val: fixed windows
 
@@ -24,7 +25,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from project import streaming
-from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer, tokenizer_from_state
+from project.tokenizer import (TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, bpe_vocab_size, is_tokenizer_folder,
+                               load_tokenizer, tokenizer_from_state, train_bpe)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -74,6 +76,19 @@ def read_corpus(path: Path) -> str:
     if not text.strip():
         raise ValueError(f"corpus file {path} is empty: pass --data.path pointing to a file with text")
     return text
+
+
+def train_tokenizer(path: str | Path, vocab_size: int, out: str | Path) -> BPETokenizer:
+    """Train a byte-level BPE of `vocab_size` tokens on the UTF-8 file `path` and save it as the new folder `out`
+    (its tokenizer.json), for `--data.tokenizer OUT`."""
+    path, out = Path(path), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists: choose another --out or remove it")
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist: pass --path pointing to a UTF-8 text file")
+    tokenizer = train_bpe(read_corpus(path), vocab_size)  # checks vocab_size before any work
+    tokenizer.save(out)
+    return tokenizer
 
 
 class TrainWindows(IterableDataset):
@@ -137,9 +152,12 @@ class TextDataModule(LightningDataModule):
     Args:
         path: corpus file; None means TinyShakespeare at <data_dir>/tinyshakespeare/input.txt.
         data_dir: where downloads and token caches live.
-        tokenizer: a tiktoken encoding name ("gpt2") or "char" for a character vocabulary of the corpus.
-        vocabulary: with tokenizer "char", the characters in id order; None derives them from the corpus.
-            The CLI fills it from the checkpoint when one is given, so predicting needs no corpus.
+        tokenizer: a tiktoken encoding name ("gpt2"), "char" for a character vocabulary of the corpus,
+            "bpe:N" for a byte-level BPE of N tokens trained on the training split on first use (cached under
+            <data_dir>/tokenizers), or a folder written by `python -m project train-tokenizer`.
+        vocabulary: with tokenizer "char", the characters in id order; with "bpe:N", the tokenizer.json text.
+            None derives it from the corpus. The CLI fills it from the checkpoint when one is given, so
+            predicting needs no corpus.
         block_size: tokens per training window (linked from the model's config by the CLI).
         batch_size: windows per batch.
         val_fraction: tail fraction of the text (by characters) held out for validation.
@@ -195,11 +213,36 @@ class TextDataModule(LightningDataModule):
         elif sha256_of(self.path) != SHAKESPEARE_SHA256:
             raise ValueError(f"{self.path} is not the expected TinyShakespeare (SHA-256 mismatch): delete it to re-download")
 
+    def train_split_end(self, text: str) -> int:
+        """Characters of `text` in the training split; the rest is validation."""
+        return int(len(text) * (1 - self.val_fraction))
+
+    def trained_bpe(self, vocab_size: int) -> BPETokenizer:
+        """`bpe:N`: a BPE trained on the training split only (no validation text leaks into the vocabulary),
+        trained once per corpus and size and cached under <data_dir>/tokenizers."""
+        self.ensure_corpus()
+        key = hashlib.sha256(f"{sha256_of(self.path)}:{vocab_size}:{self.val_fraction}".encode()).hexdigest()[:12]
+        folder = self.data_dir / "tokenizers" / f"{self.path.stem}-bpe{vocab_size}-{key}"
+        if (folder / TOKENIZER_FILE).is_file():
+            return BPETokenizer.from_dir(folder)
+        text = read_corpus(self.path)
+        tokenizer = train_bpe(text[: self.train_split_end(text)], vocab_size)
+        try:
+            tokenizer.save(folder)
+        except FileExistsError:
+            pass  # another rank saved the same tokenizer first (training is deterministic)
+        return tokenizer
+
     @property
     def cache_dir(self) -> Path:
         # keyed by corpus content and tokenizer, so a changed file or tokenizer never reuses stale tokens
-        key = hashlib.sha256(f"{sha256_of(self.path)}:{self.tokenizer_name}:{self.vocabulary}:{self.val_fraction}:{CACHE_VERSION}".encode()).hexdigest()[:12]
-        return self.data_dir / "tokens" / f"{self.path.stem}-{self.tokenizer_name}-{key}"
+        name, tokenizer_key = self.tokenizer_name, f"{self.tokenizer_name}:{self.vocabulary}"
+        if bpe_vocab_size(self.tokenizer_name) is not None or is_tokenizer_folder(self.tokenizer_name):
+            # a trained BPE by content: a folder retrained in place gets new tokens
+            name = f"bpe{self.tokenizer.vocab_size}"
+            tokenizer_key = hashlib.sha256(self.tokenizer.spec.encode()).hexdigest()
+        key = hashlib.sha256(f"{sha256_of(self.path)}:{tokenizer_key}:{self.val_fraction}:{CACHE_VERSION}".encode()).hexdigest()[:12]
+        return self.data_dir / "tokens" / f"{self.path.stem}-{name}-{key}"
 
     def prepare_data(self) -> None:
         """Tokenize the corpus once into train.bin / val.bin (uint16 or uint32) plus meta.json."""
@@ -213,10 +256,10 @@ class TextDataModule(LightningDataModule):
             return
         text = read_corpus(self.path)
         if self.tokenizer_name != "char":
-            tokenizer = TiktokenTokenizer(self.tokenizer_name)
+            tokenizer = self.tokenizer
         else:
             tokenizer = CharTokenizer(self.vocabulary) if self.vocabulary else CharTokenizer.from_text(text)
-        split = int(len(text) * (1 - self.val_fraction))
+        split = self.train_split_end(text)
         dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
         out.mkdir(parents=True, exist_ok=True)
         meta = {"tokenizer": tokenizer.state_dict(), "dtype": dtype, "source": str(self.path)}
@@ -249,8 +292,10 @@ class TextDataModule(LightningDataModule):
                 self._tokenizer = CharTokenizer(self.vocabulary)
             elif self.tokenizer_name == "char":
                 self._tokenizer = tokenizer_from_state(self.load_meta()["tokenizer"])
-            else:  # BPE needs no corpus: predicting from a checkpoint works without the data folder
-                self._tokenizer = TiktokenTokenizer(self.tokenizer_name)
+            elif (vocab_size := bpe_vocab_size(self.tokenizer_name)) is not None:
+                self._tokenizer = BPETokenizer(self.vocabulary) if self.vocabulary else self.trained_bpe(vocab_size)
+            else:  # GPT-2 BPE or a trained folder need no corpus: predicting from a checkpoint works without it
+                self._tokenizer = load_tokenizer(self.tokenizer_name)
         return self._tokenizer
 
     @property
