@@ -116,3 +116,31 @@ def test_corrupt_local_shakespeare_is_detected(tmp_path):
     target.write_text("not shakespeare\n" * 100)
     with pytest.raises(ValueError, match="SHA-256"):
         TextDataModule(data_dir=str(tmp_path / "data")).prepare_data()
+
+
+def test_bpe_n_is_trained_on_the_training_split_once_and_cached(data_dir, shakespeare_path):
+    from project.tokenizer import train_bpe
+
+    dm = prepared(data_dir, tokenizer="bpe:400")
+    text = shakespeare_path.read_text()
+    train_text = text[: int(len(text) * 0.9)]
+    assert dm.tokenizer.spec == train_bpe(train_text, 400).spec  # the validation text taught it nothing
+    assert dm.vocab_size == 400 and dm.meta["tokenizer"]["kind"] == "bpe"
+    (folder,) = (data_dir / "tokenizers").iterdir()
+    assert prepared(data_dir, tokenizer="bpe:400").tokenizer.spec == dm.tokenizer.spec  # read back, not retrained
+    # bits per byte stay comparable across tokenizers: the byte counts are the original text's
+    assert dm.meta["train_bytes"] + dm.meta["val_bytes"] == 1_115_394
+    val = np.memmap(dm.cache_dir / "val.bin", dtype=dm.meta["dtype"], mode="r")
+    assert dm.tokenizer.decode(val.tolist()) == text[int(len(text) * 0.9):]
+
+
+def test_trained_tokenizer_folder_as_data_tokenizer(data_dir, tmp_path):
+    from project.data import train_tokenizer
+
+    trained = train_tokenizer(data_dir / "tinyshakespeare" / "input.txt", 300, tmp_path / "tok")
+    dm = prepared(data_dir, tokenizer=str(tmp_path / "tok"))
+    assert dm.tokenizer.spec == trained.spec and dm.vocab_size == 300
+    retrained = prepared(data_dir, tokenizer=str(tmp_path / "tok"))
+    assert retrained.cache_dir == dm.cache_dir  # same folder content, same token cache
+    with pytest.raises(FileNotFoundError, match="train-tokenizer"):
+        TextDataModule(data_dir=str(data_dir), tokenizer=str(tmp_path / "no-such-folder")).tokenizer
