@@ -118,29 +118,34 @@ def test_corrupt_local_shakespeare_is_detected(tmp_path):
         TextDataModule(data_dir=str(tmp_path / "data")).prepare_data()
 
 
-def test_bpe_n_is_trained_on_the_training_split_once_and_cached(data_dir, shakespeare_path):
+def test_bpe_n_is_trained_on_the_training_split_once_and_cached(shakespeare_path, tmp_path):
     from project.tokenizer import train_bpe
 
-    dm = prepared(data_dir, tokenizer="bpe:400")
-    text = shakespeare_path.read_text()
-    train_text = text[: int(len(text) * 0.9)]
-    assert dm.tokenizer.spec == train_bpe(train_text, 400).spec  # the validation text taught it nothing
+    text = shakespeare_path.read_text()[:200_000]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    dm = prepared(tmp_path / "data", path=str(corpus), tokenizer="bpe:400")
+    split = int(len(text) * 0.9)
+    assert dm.tokenizer.spec == train_bpe(text[:split], 400).spec  # the validation text taught it nothing
     assert dm.vocab_size == 400 and dm.meta["tokenizer"]["kind"] == "bpe"
-    (folder,) = (data_dir / "tokenizers").iterdir()
-    assert prepared(data_dir, tokenizer="bpe:400").tokenizer.spec == dm.tokenizer.spec  # read back, not retrained
+    assert len(list((tmp_path / "data" / "tokenizers").iterdir())) == 1
+    again = prepared(tmp_path / "data", path=str(corpus), tokenizer="bpe:400")
+    assert again.tokenizer.spec == dm.tokenizer.spec and again.cache_dir == dm.cache_dir  # read back, not retrained
     # bits per byte stay comparable across tokenizers: the byte counts are the original text's
-    assert dm.meta["train_bytes"] + dm.meta["val_bytes"] == 1_115_394
+    assert (dm.meta["train_bytes"], dm.meta["val_bytes"]) == (len(text[:split].encode()), len(text[split:].encode()))
     val = np.memmap(dm.cache_dir / "val.bin", dtype=dm.meta["dtype"], mode="r")
-    assert dm.tokenizer.decode(val.tolist()) == text[int(len(text) * 0.9):]
+    assert dm.tokenizer.decode(val.tolist()) == text[split:]
 
 
-def test_trained_tokenizer_folder_as_data_tokenizer(data_dir, tmp_path):
+def test_trained_tokenizer_folder_as_data_tokenizer(shakespeare_path, tmp_path):
     from project.data import train_tokenizer
 
-    trained = train_tokenizer(data_dir / "tinyshakespeare" / "input.txt", 300, tmp_path / "tok")
-    dm = prepared(data_dir, tokenizer=str(tmp_path / "tok"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_path.read_text()[:200_000])
+    trained = train_tokenizer(corpus, 300, tmp_path / "tok")
+    dm = prepared(tmp_path / "data", path=str(corpus), tokenizer=str(tmp_path / "tok"))
     assert dm.tokenizer.spec == trained.spec and dm.vocab_size == 300
-    retrained = prepared(data_dir, tokenizer=str(tmp_path / "tok"))
-    assert retrained.cache_dir == dm.cache_dir  # same folder content, same token cache
+    assert dm.tokenizer.decode(np.fromfile(dm.cache_dir / "train.bin", dtype=dm.meta["dtype"]).tolist()) == \
+        corpus.read_text()[: int(200_000 * 0.9)]
     with pytest.raises(FileNotFoundError, match="train-tokenizer"):
-        TextDataModule(data_dir=str(data_dir), tokenizer=str(tmp_path / "no-such-folder")).tokenizer
+        TextDataModule(data_dir=str(tmp_path / "data"), tokenizer=str(tmp_path / "no-such-folder")).tokenizer
