@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, SHAKESPEARE
 
 
@@ -32,3 +34,16 @@ def test_quality_table_has_every_architecture_and_optimizer(tmp_path, shakespear
         for optimizer in ("adamw", "muon"):
             row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {arch} | {optimizer} |"))
             assert "failed" not in row and "nan" not in row, row
+
+
+@pytest.mark.slow
+def test_steps_per_budget_then_quality_for_those_steps(tmp_path, shakespeare_path):
+    budget_file = str(tmp_path / "budget.json")
+    measured = run_benchmark("--steps-per-budget", "--repeats", "1", "--budget-file", budget_file, cwd=tmp_path)
+    assert measured.returncode == 0, measured.stderr[-3000:]
+    assert "nanoGPT recipe here:" in measured.stdout and "| gpt2 6x192 |" in measured.stdout
+    trained = run_benchmark("--budget-quality", "--budget-file", budget_file, "--save-dir", str(tmp_path / "runs"),
+                            cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    row = next(line for line in trained.stdout.splitlines() if line.startswith("| bpe:1024 6x192 |"))
+    assert "| 4 |" in row and row.count("-") < 4, row  # 4 steps, and its validations logged val/bpb

@@ -127,6 +127,7 @@ def test_train_tokenizer_command_writes_a_folder_fit_can_use(shakespeare_path, t
     assert tokenizer.vocab_size == 512 and tokenizer.decode(tokenizer.encode("ROMEO: 🙂")) == "ROMEO: 🙂"
 
 
+@pytest.mark.slow
 def test_trained_bpe_run_carries_its_tokenizer_to_generate_and_predict(data_dir, tmp_path):
     """fit with --data.tokenizer bpe:N; the checkpoint alone then serves generate and predict (no corpus)."""
     from project.checkpoint import load_checkpoint
