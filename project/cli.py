@@ -86,7 +86,8 @@ class GPTCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if config.data.vocabulary or not ckpt_path or not Path(ckpt_path).is_file():
             return
-        if config.data.tokenizer != "char" and not (config.data.tokenizer.startswith("bpe:") and self.subcommand == "predict"):
+        predicting_bpe = config.data.tokenizer.startswith("bpe:") and self.subcommand == "predict"
+        if config.data.tokenizer != "char" and not predicting_bpe:
             return
         checkpoint = getattr(self, "_checkpoint", None) or read_checkpoint(ckpt_path)
         state = checkpoint.get("tokenizer", {})

@@ -86,7 +86,7 @@ def train_tokenizer(path: str | Path, vocab_size: int, out: str | Path) -> BPETo
         raise FileExistsError(f"{out} exists: choose another --out or remove it")
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} does not exist: pass --path pointing to a UTF-8 text file")
-    tokenizer = train_bpe(read_corpus(path), vocab_size)  # checks vocab_size before any work
+    tokenizer = train_bpe(read_corpus(path), vocab_size)  # refuses a bad vocab_size before training
     tokenizer.save(out)
     return tokenizer
 

@@ -111,9 +111,9 @@ def byte_level_alphabet() -> dict[str, int]:
 class BPETokenizer:
     """A byte-level BPE trained with Hugging Face `tokenizers` (`train_bpe`), held as its tokenizer.json text.
 
-    Every byte is a token, so any text round-trips exactly. "<|endoftext|>" is the one special token: the
-    data pipeline puts it between documents, while the same characters inside a text encode as plain
-    text, as tiktoken's `encode_ordinary` does for GPT-2.
+    Every byte is a token, so any text round-trips exactly. "<|endoftext|>" is the one special token (`eot_id`,
+    for separating documents), while the same characters inside a text encode as plain text, as tiktoken's
+    `encode_ordinary` does for GPT-2.
     """
 
     def __init__(self, spec: str) -> None:
