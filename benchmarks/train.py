@@ -326,6 +326,8 @@ def steps_per_budget(args) -> None:
     """
     setups = []
     for label, tokenizer, overrides, batch_size in SWEEP[:2] if args.quick else SWEEP:
+        if args.settings and label not in args.settings:
+            continue
         setup = load_setup("gpt2", args)
         setup["model"]["config"].update(overrides)
         setup["data"].update(tokenizer=tokenizer, batch_size=batch_size)
@@ -485,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="steps of each tokenizer/shape setting that fit 10 reference minutes")
     parser.add_argument("--budget-quality", action="store_true",
                         help="train SWEEP settings for the steps --steps-per-budget found (one thread per run)")
-    parser.add_argument("--settings", nargs="*", help="--budget-quality: only these SWEEP labels")
+    parser.add_argument("--settings", nargs="*", help="only these SWEEP labels")
     parser.add_argument("--parallel", type=int, default=2, help="--budget-quality: runs at once")
     parser.add_argument("--budget-fraction", type=float, default=1.0,
                         help="--budget-quality: train for this fraction of the 10-minute step budget")
