@@ -16,11 +16,13 @@ tabulates the final val/bpb from TensorBoard.
     python benchmarks/train.py --compile            # speed, plus the torch.compile'd plain loop
     python benchmarks/train.py --quality --budget-minutes 10
     python benchmarks/train.py --quick              # smoke test: tiny model, a few steps
+    python benchmarks/train.py --baseline           # seconds for nanoGPT's CPU recipe: the machine's yardstick
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -252,6 +254,155 @@ def speed(args) -> None:
                   "loop's speed (steady state, compilation excluded)")
 
 
+def nanogpt_recipe_seconds(args, iterations: int, evaluate: bool = True) -> float:
+    """Seconds for `iterations` of nanoGPT's documented CPU recipe (characters, 4 layers x 4 heads x 128,
+    block 64, batch 12, float32 AdamW, with `evaluate` an estimate on 2 x 20 batches every 250 iterations)
+    run with this project's GPT in a plain loop."""
+    from project.data import TextDataModule
+    from project.model import GPT, GPTConfig
+
+    dm = TextDataModule(path=args.data_path, data_dir=args.data_dir, tokenizer="char", block_size=64, batch_size=12)
+    dm.prepare_data()
+    dm.setup("fit")
+    torch.manual_seed(1337)
+    model = GPT(GPTConfig(vocab_size=dm.vocab_size, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    val_batches = iter(dm.val_dataloader())
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(dm.train_dataloader()):
+        if evaluate and i % 250 == 0:  # nanoGPT estimates the loss on 20 batches of each split
+            model.eval()
+            with torch.no_grad():
+                for _ in range(40):
+                    vx, vy = next(val_batches, (x, y))
+                    F.cross_entropy(model(vx).flatten(0, 1), vy.flatten())
+            model.train()
+        if i == iterations:
+            break
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def nanogpt_cpu_baseline(args) -> None:
+    """Time nanoGPT's 2000-iteration CPU recipe: the yardstick wall-clock budgets are scaled by (the issue's
+    "10 minutes" means 10 minutes on a machine where this recipe takes about 100 s)."""
+    iterations = 20 if args.quick else 2000
+    seconds = nanogpt_recipe_seconds(args, iterations)
+    print(f"nanoGPT CPU recipe: {iterations} iterations in {seconds:.1f} s (torch threads {torch.get_num_threads()}); "
+          f"10 reference minutes = {seconds / 100 * 10 * iterations / 2000:.1f} minutes here")
+
+
+# training settings compared by --steps-per-budget: (label, tokenizer, model.config overrides, batch size)
+SWEEP = [
+    ("gpt2 6x192", "gpt2", {}, 16),
+    ("bpe:1024 6x192", "bpe:1024", {}, 16),
+    ("bpe:2048 6x192", "bpe:2048", {}, 16),
+    ("bpe:4096 6x192", "bpe:4096", {}, 16),
+    ("bpe:8192 6x192", "bpe:8192", {}, 16),
+    ("char 6x192", "char", {}, 16),
+    ("bpe:4096 6x256", "bpe:4096", {"n_embd": 256, "n_head": 8}, 16),
+    ("bpe:4096 8x256", "bpe:4096", {"n_layer": 8, "n_embd": 256, "n_head": 8}, 16),
+    ("bpe:4096 4x256", "bpe:4096", {"n_layer": 4, "n_embd": 256, "n_head": 8}, 16),
+    ("bpe:2048 6x256", "bpe:2048", {"n_embd": 256, "n_head": 8}, 16),
+]
+
+
+TRAIN_SECONDS = 570  # of the 10-minute budget; start-up, validations and samples take the rest
+
+
+def steps_per_budget(args) -> None:
+    """Training steps of each SWEEP setting (the default config's optimizer and precision) that fit in 10
+    reference minutes, from step times measured side by side with nanoGPT's recipe in this process.
+
+    Quality per step does not depend on the machine, so training each setting for its step count gives the
+    quality a 10-minute budget buys on the reference machine, however busy this one is.
+    """
+    setups = []
+    for label, tokenizer, overrides, batch_size in SWEEP[:2] if args.quick else SWEEP:
+        if args.settings and label not in args.settings:
+            continue
+        setup = load_setup("gpt2", args)
+        setup["model"]["config"].update(overrides)
+        setup["data"].update(tokenizer=tokenizer, batch_size=batch_size)
+        setups.append((label, setup, make_datamodule(setup, args)))
+    device = torch.device("cpu")
+    per_step = {label: [] for label, _, _ in setups}
+    recipe = []  # seconds per nanoGPT iteration
+    for _ in range(args.repeats):
+        recipe.append(nanogpt_recipe_seconds(args, 3 if args.quick else 30, evaluate=False) / (3 if args.quick else 30))
+        for label, setup, dm in setups:
+            per_step[label].append(run_plain(setup, dm, device, args.steps, args.warmup) / args.steps)
+    reference_iteration = 100 / 2000  # seconds per recipe iteration on the reference machine
+    scale = reference_iteration / statistics.median(recipe)
+    print(f"nanoGPT recipe here: {statistics.median(recipe) * 2000:.0f} s per 2000 iterations")
+    print("| setting | tokens/step | ms/step here | reference ms/step | steps in 570 s | tokens/s (reference) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    budget = {}
+    for label, setup, dm in setups:
+        step = statistics.median(per_step[label])
+        tokens = setup["data"]["batch_size"] * setup["model"]["config"]["block_size"]
+        budget[label] = {"steps": int(TRAIN_SECONDS / (step * scale)), "tokens_per_second": tokens / (step * scale),
+                         "bytes_per_token": dm.meta["val_bytes"] / dm.meta["val_tokens"]}
+        print(f"| {label} | {tokens} | {step * 1e3:.0f} | {step * scale * 1e3:.0f} | {budget[label]['steps']} "
+              f"| {budget[label]['tokens_per_second']:,.0f} |")
+    Path(args.budget_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.budget_file).write_text(json.dumps(budget, indent=1))
+
+
+def budget_quality(args) -> None:
+    """Train SWEEP settings through the real CLI for the steps that 10 reference minutes buy (read from
+    --steps-per-budget's file), several runs at once with one thread each. Quality per step does not depend on
+    how fast or busy the machine is, so this measures a 10-minute budget even on a shared machine."""
+    budget = json.loads(Path(args.budget_file).read_text())
+    save_dir = Path(args.save_dir).resolve()
+    runs = {}
+    for label, tokenizer, overrides, batch_size in SWEEP:
+        if label not in budget or (args.settings and label not in args.settings):
+            continue
+        checks = 4  # validations per run, the last one at the final step
+        steps = 4 if args.quick else int(budget[label]["steps"] * args.budget_fraction) // checks * checks
+        name = label.replace(":", "").replace(" ", "-")
+        command = [sys.executable, "-m", "project", "fit", "--config", str(CONFIGS["gpt2"]),
+                   "--data.tokenizer", tokenizer, "--data.batch_size", str(batch_size), "--data.data_dir", args.data_dir,
+                   "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // checks),
+                   "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.name", name,
+                   "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false"]
+        if args.quick:  # a tiny model: the plumbing, not the numbers
+            overrides = {"n_layer": 1, "n_embd": 48, "n_head": 2, "block_size": 32}
+            command += ["--trainer.limit_val_batches", "2", "--samples.max_new_tokens", "5"]
+        for key, value in overrides.items():
+            command += [f"--model.config.{key}", str(value)]
+        if args.data_path:
+            command += ["--data.path", args.data_path]
+        runs[label] = (name, steps, command)
+    pending, active, finished = list(runs), {}, {}
+    while pending or active:
+        while pending and len(active) < args.parallel:
+            label = pending.pop(0)
+            print("$ " + " ".join(runs[label][2][1:]), file=sys.stderr, flush=True)
+            active[label] = (time.perf_counter(), subprocess.Popen(
+                runs[label][2], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}))
+        time.sleep(5)
+        for label, (start, process) in list(active.items()):
+            if process.poll() is not None:
+                if process.returncode != 0:
+                    print(process.stderr.read()[-3000:], file=sys.stderr)
+                finished[label] = (time.perf_counter() - start) / 60
+                del active[label]
+    print("| setting | steps | val/bpb @25% | @50% | @75% | final | tokens/s (reference) | bytes/token |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, (name, steps, _) in runs.items():
+        bpb = [f"{v:.3f}" for _, v in last_scalars(save_dir / name / "version_0").get("val/bpb", [])]
+        bpb = (["-"] * 4 + bpb)[-4:]
+        print(f"| {label} | {steps} | {' | '.join(bpb)} | {budget[label]['tokens_per_second']:,.0f} "
+              f"| {budget[label]['bytes_per_token']:.2f} |")
+
+
 def loader_tokens_per_second(dm, batches: int) -> float:
     """Tokens/s of the training DataLoader by itself (its workers included): is data loading a bottleneck?"""
     loader = iter(dm.train_dataloader())
@@ -328,10 +479,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model and a few steps: checks the plumbing")
     parser.add_argument("--compile", action="store_true", help="speed: add the torch.compile'd plain loop")
     parser.add_argument("--quality", action="store_true", help="architecture x optimizer val/bpb under a budget")
+    parser.add_argument("--baseline", action="store_true", help="time nanoGPT's CPU recipe (the budget yardstick)")
+    parser.add_argument("--steps-per-budget", action="store_true",
+                        help="steps of each tokenizer/shape setting that fit 10 reference minutes")
+    parser.add_argument("--budget-quality", action="store_true",
+                        help="train SWEEP settings for the steps --steps-per-budget found (one thread per run)")
+    parser.add_argument("--settings", nargs="*", help="only these SWEEP labels")
+    parser.add_argument("--parallel", type=int, default=2, help="--budget-quality: runs at once")
+    parser.add_argument("--budget-fraction", type=float, default=1.0,
+                        help="--budget-quality: train for this fraction of the 10-minute step budget")
+    parser.add_argument("--budget-file", default=str(REPO / "runs" / "steps-per-budget.json"))
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="--quality: wall-clock per run")
     parser.add_argument("--save-dir", default=str(REPO / "runs" / "quality"), help="--quality: TensorBoard logs")
     args = parser.parse_args(argv)
-    quality(args) if args.quality else speed(args)
+    if args.baseline:
+        nanogpt_cpu_baseline(args)
+    elif args.steps_per_budget:
+        steps_per_budget(args)
+    elif args.budget_quality:
+        budget_quality(args)
+    elif args.quality:
+        quality(args)
+    else:
+        speed(args)
 
 
 if __name__ == "__main__":

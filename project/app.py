@@ -29,7 +29,7 @@ import torch
 from project.checkpoint import LoadedCheckpoint, load_model
 from project.generate import GenerationSettings, request_model, stream, validate_sampling
 from project.model import GPT
-from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
+from project.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
 
 if TYPE_CHECKING:  # gradio and matplotlib are imported when the app is built, so `import project.commands` stays light
     import gradio as gr
@@ -51,6 +51,8 @@ def tokenizer_kind(tokenizer: Tokenizer) -> str:
         return f"characters ({tokenizer.vocab_size} symbols)"
     if isinstance(tokenizer, TiktokenTokenizer):
         return f"tiktoken {tokenizer.name} BPE ({tokenizer.vocab_size} tokens)"
+    if isinstance(tokenizer, BPETokenizer):
+        return f"byte-level BPE trained on the corpus ({tokenizer.vocab_size} tokens)"
     return f"{type(tokenizer).__name__} ({tokenizer.vocab_size} tokens)"
 
 

@@ -70,16 +70,21 @@ class GPTCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Show training progress in steps (StepProgressBar). A character model's vocabulary comes from its
-        checkpoint, so resuming or predicting needs no corpus."""
+        checkpoint, so resuming or predicting needs no corpus; so does a `bpe:N` model's tokenizer when predicting."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         add_step_progress_bar(config.trainer)
         ckpt_path = config.get("ckpt_path")
-        if config.data.tokenizer != "char" or config.data.vocabulary or not ckpt_path or not Path(ckpt_path).is_file():
+        if config.data.vocabulary or not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        predicting_bpe = config.data.tokenizer.startswith("bpe:") and self.subcommand == "predict"
+        if config.data.tokenizer != "char" and not predicting_bpe:
             return
         checkpoint = getattr(self, "checkpoint", None) or read_checkpoint(ckpt_path)
         state = checkpoint.get("tokenizer", {})
-        if state.get("kind") == "char":
+        if state.get("kind") == "char" and config.data.tokenizer == "char":
             config.data.vocabulary = state["chars"]
+        elif state.get("kind") == "bpe" and config.data.tokenizer != "char":
+            config.data.vocabulary = state["tokenizer_json"]
 
 
 def add_step_progress_bar(trainer_config) -> None:

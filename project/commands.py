@@ -223,6 +223,21 @@ def guide_command(
           f"(executed in {report.execute_seconds:.0f} s, printed in {report.render_seconds:.0f} s)")
 
 
+def train_tokenizer_command(*, path: str, out: str, vocab_size: int = 4096) -> None:
+    """Train a byte-level BPE tokenizer on a text file, for `--data.tokenizer OUT`.
+
+    Args:
+        path: the UTF-8 corpus to learn the merges from (train on training text only, not validation).
+        out: the folder to create (it holds tokenizer.json); it must not exist.
+        vocab_size: tokens in the vocabulary: 256 bytes + end-of-text + merges (257 to 65536).
+    """
+    from project.data import train_tokenizer
+
+    tokenizer = train_tokenizer(path, vocab_size, out)
+    print(f"trained a byte-level BPE of {tokenizer.vocab_size} tokens on {path} -> {out} "
+          f"(use --data.tokenizer {out})")
+
+
 # the project's own commands, beside LightningCLI's fit/validate/test/predict
 COMMANDS: dict[str, Callable[..., None]] = {
     "generate": generate_command,
@@ -231,6 +246,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "serve": serve_command,  # Gradio app + OpenAI-compatible /v1 API on one port (project/app.py, openai_api.py)
     "evaluate": evaluate_command,  # lm-evaluation-harness on the model in memory (project/evaluate.py)
     "prepare": prepare_command,  # folder of .txt/.parquet -> litdata token chunks for --data.streaming_dir
+    "train-tokenizer": train_tokenizer_command,  # text file -> byte-level BPE folder for --data.tokenizer
     "guide": guide_command,  # notebooks/ executed and printed as one PDF (project/guide.py)
 }
 

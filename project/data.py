@@ -1,7 +1,8 @@
 """Text -> token file -> token windows, wrapped as a LightningDataModule.
 
     corpus (TinyShakespeare, downloaded and checksummed, or any UTF-8 file)
-      -> tokenizer (GPT-2 BPE or characters), once, 90/10 split by characters
+      -> tokenizer (GPT-2 BPE, characters, or a byte-level BPE trained on the training split), once,
+         90/10 split by characters
       -> <data_dir>/tokens/<corpus>-<tokenizer>-<hash>/{train,val}.bin (numpy memmap) + meta.json
       -> train: endless seeded random windows, a distinct stream per rank; val: fixed windows
 
@@ -24,7 +25,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from project import streaming
-from project.tokenizer import CharTokenizer, Tokenizer, build_tokenizer, tokenizer_from_state
+from project.tokenizer import (TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, bpe_vocab_size, build_tokenizer,
+                               is_tokenizer_folder, tokenizer_from_state, train_bpe)
 from project.tokens import (ValWindows, atomic_write_bytes, check_val_fraction, inputs_and_targets, read_text,
                             split_text, token_dtype)
 
@@ -63,6 +65,19 @@ def read_corpus(path: Path) -> str:
     if not text.strip():
         raise ValueError(f"corpus file {path} is empty: pass --data.path pointing to a file with text")
     return text
+
+
+def train_tokenizer(path: str | Path, vocab_size: int, out: str | Path) -> BPETokenizer:
+    """Train a byte-level BPE of `vocab_size` tokens on the UTF-8 file `path` and save it as the new folder `out`
+    (its tokenizer.json), for `--data.tokenizer OUT`."""
+    path, out = Path(path), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists: choose another --out or remove it")
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist: pass --path pointing to a UTF-8 text file")
+    tokenizer = train_bpe(read_corpus(path), vocab_size)  # refuses a bad vocab_size before training
+    tokenizer.save(out)
+    return tokenizer
 
 
 class TrainWindows(IterableDataset):
@@ -115,9 +130,12 @@ class TextDataModule(LightningDataModule):
     Args:
         path: corpus file; None means TinyShakespeare at <data_dir>/tinyshakespeare/input.txt.
         data_dir: where downloads and token caches live.
-        tokenizer: a tiktoken encoding name ("gpt2") or "char" for a character vocabulary of the corpus.
-        vocabulary: with tokenizer "char", the characters in id order; None derives them from the corpus.
-            The CLI fills it from the checkpoint when one is given, so predicting needs no corpus.
+        tokenizer: a tiktoken encoding name ("gpt2"), "char" for a character vocabulary of the corpus,
+            "bpe:N" for a byte-level BPE of N tokens trained on the training split on first use (cached under
+            <data_dir>/tokenizers), or a folder written by `python -m project train-tokenizer`.
+        vocabulary: with tokenizer "char", the characters in id order; with "bpe:N", the tokenizer.json text.
+            None derives it from the corpus. The CLI fills it from the checkpoint when one is given, so
+            predicting needs no corpus.
         block_size: tokens per training window (linked from the model's config by the CLI).
         batch_size: windows per batch.
         val_fraction: tail fraction of the text (by characters) held out for validation.
@@ -173,13 +191,34 @@ class TextDataModule(LightningDataModule):
         elif sha256_of(self.path) != SHAKESPEARE_SHA256:
             raise ValueError(f"{self.path} is not the expected TinyShakespeare (SHA-256 mismatch): delete it to re-download")
 
+    def trained_bpe(self, vocab_size: int) -> BPETokenizer:
+        """`bpe:N`: a BPE trained on the training split only (no validation text leaks into the vocabulary),
+        trained once per corpus and size and cached under <data_dir>/tokenizers."""
+        self.ensure_corpus()
+        key = hashlib.sha256(f"{sha256_of(self.path)}:{vocab_size}:{self.val_fraction}".encode()).hexdigest()[:12]
+        folder = self.data_dir / "tokenizers" / f"{self.path.stem}-bpe{vocab_size}-{key}"
+        if (folder / TOKENIZER_FILE).is_file():
+            return BPETokenizer.from_dir(folder)
+        train_text, _ = split_text(read_corpus(self.path), self.val_fraction)
+        tokenizer = train_bpe(train_text, vocab_size)
+        try:
+            tokenizer.save(folder)
+        except FileExistsError:
+            pass  # another rank saved the same tokenizer first (training is deterministic)
+        return tokenizer
+
     def find_cache_dir(self) -> Path:
         """The token cache folder, keyed by corpus content and tokenizer: a changed file or tokenizer never reuses
         stale tokens. Hashes the corpus on the first call only."""
         if self.cache_dir is None:
-            key = f"{sha256_of(self.path)}:{self.tokenizer_name}:{self.vocabulary}:{self.val_fraction}:{CACHE_VERSION}"
+            name, tokenizer_key = self.tokenizer_name, f"{self.tokenizer_name}:{self.vocabulary}"
+            if bpe_vocab_size(self.tokenizer_name) is not None or is_tokenizer_folder(self.tokenizer_name):
+                # a trained BPE by content: a folder retrained in place gets new tokens
+                name = f"bpe{self.tokenizer.vocab_size}"
+                tokenizer_key = hashlib.sha256(self.tokenizer.spec.encode()).hexdigest()
+            key = f"{sha256_of(self.path)}:{tokenizer_key}:{self.val_fraction}:{CACHE_VERSION}"
             digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-            self.cache_dir = self.data_dir / "tokens" / f"{self.path.stem}-{self.tokenizer_name}-{digest}"
+            self.cache_dir = self.data_dir / "tokens" / f"{self.path.stem}-{name}-{digest}"
         return self.cache_dir
 
     def prepare_data(self) -> None:
@@ -228,7 +267,9 @@ class TextDataModule(LightningDataModule):
         if self.tokenizer_name == "char":
             self.ensure_corpus()
             return build_tokenizer("char", read_corpus(self.path))
-        return build_tokenizer(self.tokenizer_name)
+        if (vocab_size := bpe_vocab_size(self.tokenizer_name)) is not None:  # stored, or trained on first use
+            return BPETokenizer(self.vocabulary) if self.vocabulary else self.trained_bpe(vocab_size)
+        return build_tokenizer(self.tokenizer_name)  # GPT-2 BPE or a trained folder: no corpus needed
 
     @property
     def tokenizer(self) -> Tokenizer:

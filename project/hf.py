@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from project.model import GPT, GPTConfig, architecture_fields
-from project.tokenizer import CharTokenizer, TiktokenTokenizer, Tokenizer
+from project.tokenizer import END_OF_TEXT, BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
 
 GPT2_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}  # ours -> transformers, bit-identical ops
 GPT2_ACTIVATIONS_IN = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -306,7 +306,7 @@ def gpt_from_hf(path: str | Path) -> GPT:
 
 def read_hf_directory(path: Path) -> tuple[GPT, Tokenizer]:
     """The model (eval mode, on the CPU) and tokenizer of a transformers directory: the tokenizer from
-    tokenizer.json (a character vocabulary, or GPT-2 BPE, as `export` writes them)."""
+    tokenizer.json (a character vocabulary, GPT-2 BPE or a trained byte-level BPE, as `export` writes them)."""
     model = gpt_from_hf(path)
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
@@ -322,7 +322,10 @@ def read_hf_directory(path: Path) -> tuple[GPT, Tokenizer]:
         tokenizer = TiktokenTokenizer("gpt2")
         sample = "First Citizen:\nBefore we proceed any further, hear me speak. \u00e9\u20ac 123"
         if RustTokenizer.from_file(str(tok_file)).encode(sample, add_special_tokens=False).ids != tokenizer.encode(sample):
-            raise ValueError(f"{tok_file} is neither a character vocabulary nor GPT-2 BPE: cannot serve it")
+            try:
+                tokenizer = BPETokenizer(tok_file.read_text(encoding="utf-8"))
+            except ValueError:
+                raise ValueError(f"{tok_file} is neither a character vocabulary nor a byte-level BPE: cannot serve it") from None
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
     return model, tokenizer
@@ -368,7 +371,12 @@ def hf_tokenizer(tokenizer: Tokenizer, model_max_length: int | None = None):
         backend.decoder = decoders.Fuse()
         return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
                                                     **extra)
-    raise ValueError(f"cannot export tokenizer {type(tokenizer).__name__}: expected a tiktoken or char tokenizer")
+    if isinstance(tokenizer, BPETokenizer):
+        backend = RustTokenizer.from_str(tokenizer.spec)  # the trained tokenizer itself, merges and all
+        special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT}
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
+                                                    **special, **extra)
+    raise ValueError(f"cannot export tokenizer {type(tokenizer).__name__}: expected a tiktoken, char or BPE tokenizer")
 
 
 # --- export ----------------------------------------------------------------------------------------------

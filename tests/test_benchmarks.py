@@ -46,3 +46,16 @@ def test_generation_benchmark_has_a_llama_cpp_row(tmp_path):
     row = next(line for line in result.stdout.splitlines() if line.startswith("| llama.cpp, f32 "))
     assert float(row.split("|")[4]) > 0, row
     assert "batch 1 against llama.cpp (same f32 weights): ours, KV cache " in result.stdout
+
+
+@pytest.mark.slow
+def test_steps_per_budget_then_quality_for_those_steps(tmp_path, shakespeare_path):
+    budget_file = str(tmp_path / "budget.json")
+    measured = run_benchmark("--steps-per-budget", "--repeats", "1", "--budget-file", budget_file, cwd=tmp_path)
+    assert measured.returncode == 0, measured.stderr[-3000:]
+    assert "nanoGPT recipe here:" in measured.stdout and "| gpt2 6x192 |" in measured.stdout
+    trained = run_benchmark("--budget-quality", "--budget-file", budget_file, "--save-dir", str(tmp_path / "runs"),
+                            cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    row = next(line for line in trained.stdout.splitlines() if line.startswith("| bpe:1024 6x192 |"))
+    assert "| 4 |" in row and row.count("-") < 4, row  # 4 steps, and its validations logged val/bpb

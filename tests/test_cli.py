@@ -108,3 +108,65 @@ def test_each_command_has_its_own_help(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: python -m project ")
+
+
+TRAIN_TOKENIZER_BAD_INPUTS = {
+    "missing-corpus": (["--path", "{tmp}/nope.txt", "--out", "{tmp}/out"], "nope.txt does not exist: pass --path"),
+    "vocab-below-bytes": (["--path", "{corpus}", "--vocab_size", "255", "--out", "{tmp}/out"], "between 257"),
+    "vocab-absurd": (["--path", "{corpus}", "--vocab_size", "100000000", "--out", "{tmp}/out"], "and 65536"),
+    "out-exists": (["--path", "{corpus}", "--out", "{tmp}/existing"], "existing exists: choose another --out"),
+    "not-utf8": (["--path", "{tmp}/latin1.txt", "--out", "{tmp}/out"], "is not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", TRAIN_TOKENIZER_BAD_INPUTS, ids=list(TRAIN_TOKENIZER_BAD_INPUTS))
+def test_train_tokenizer_bad_input_is_a_one_line_error(case, tmp_path, capsys):
+    from project.cli import main
+
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "corpus.txt").write_text("Fair Verona, where we lay our scene.\n" * 50)
+    (tmp_path / "latin1.txt").write_bytes("Roméo et Juliette\n".encode("latin-1"))
+    args, message = TRAIN_TOKENIZER_BAD_INPUTS[case]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-tokenizer", *(a.format(tmp=tmp_path, corpus=tmp_path / "corpus.txt") for a in args)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert err.strip().count("\n") == 0 and err.startswith("error:") and message in err, err
+    assert not (tmp_path / "out").exists() and not any((tmp_path / "existing").iterdir())
+
+
+def test_train_tokenizer_command_writes_a_folder_fit_can_use(shakespeare_path, tmp_path, capsys):
+    from project.cli import main
+    from project.tokenizer import BPETokenizer
+
+    main(["train-tokenizer", "--path", str(shakespeare_path), "--vocab_size", "512", "--out", str(tmp_path / "tok")])
+    assert "512 tokens" in capsys.readouterr().out
+    tokenizer = BPETokenizer.from_dir(tmp_path / "tok")
+    assert tokenizer.vocab_size == 512 and tokenizer.decode(tokenizer.encode("ROMEO: 🙂")) == "ROMEO: 🙂"
+
+
+@pytest.mark.slow
+def test_trained_bpe_run_carries_its_tokenizer_to_generate_and_predict(data_dir, tmp_path):
+    """fit with --data.tokenizer bpe:N; the checkpoint alone then serves generate and predict (no corpus)."""
+    from project.checkpoint import load_checkpoint
+
+    result = run_cli("fit", "--config", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(data_dir),
+                     "--data.tokenizer", "bpe:300", "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt_path = tmp_path / "runs" / "gpt" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    (folder,) = (data_dir / "tokenizers").iterdir()
+    assert ckpt["tokenizer"] == {"kind": "bpe", "tokenizer_json": (folder / "tokenizer.json").read_text()}
+    assert ckpt["hyper_parameters"]["config"]["vocab_size"] == 300
+    loaded = load_checkpoint(ckpt_path)
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("JULIET: 日本 🙂")) == "JULIET: 日本 🙂"
+
+    out = tmp_path / "out.jsonl"
+    predicted = run_cli("predict", "--config", str(REPO / "configs" / "debug.yaml"), "--data.tokenizer", "bpe:300",
+                        "--ckpt_path", str(ckpt_path), "--data.data_dir", str(tmp_path / "no-data-here"),
+                        "--data.prompts", '["ROMEO:"]', "--model.generation.max_new_tokens", "5",
+                        "--predictions.output_path", str(out), cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    assert json.loads(out.read_text())["prompt"] == "ROMEO:"
+    assert not (tmp_path / "no-data-here").exists()

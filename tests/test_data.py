@@ -142,3 +142,36 @@ def test_vocab_size_tokenizes_nothing(data_dir, tokenizer, vocab_size):
     dm = TextDataModule(data_dir=str(data_dir), tokenizer=tokenizer)
     assert dm.vocab_size == vocab_size
     assert not (data_dir / "tokens").exists() and dm.cache_dir is None
+
+
+def test_bpe_n_is_trained_on_the_training_split_once_and_cached(shakespeare_path, tmp_path):
+    from project.tokenizer import train_bpe
+
+    text = shakespeare_path.read_text()[:200_000]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    dm = prepared(tmp_path / "data", path=str(corpus), tokenizer="bpe:400")
+    split = int(len(text) * 0.9)
+    assert dm.tokenizer.spec == train_bpe(text[:split], 400).spec  # the validation text taught it nothing
+    assert dm.vocab_size == 400 and dm.meta["tokenizer"]["kind"] == "bpe"
+    assert len(list((tmp_path / "data" / "tokenizers").iterdir())) == 1
+    again = prepared(tmp_path / "data", path=str(corpus), tokenizer="bpe:400")
+    assert again.tokenizer.spec == dm.tokenizer.spec and again.cache_dir == dm.cache_dir  # read back, not retrained
+    # bits per byte stay comparable across tokenizers: the byte counts are the original text's
+    assert (dm.meta["train_bytes"], dm.meta["val_bytes"]) == (len(text[:split].encode()), len(text[split:].encode()))
+    val = np.memmap(dm.cache_dir / "val.bin", dtype=dm.meta["dtype"], mode="r")
+    assert dm.tokenizer.decode(val.tolist()) == text[split:]
+
+
+def test_trained_tokenizer_folder_as_data_tokenizer(shakespeare_path, tmp_path):
+    from project.data import train_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_path.read_text()[:200_000])
+    trained = train_tokenizer(corpus, 300, tmp_path / "tok")
+    dm = prepared(tmp_path / "data", path=str(corpus), tokenizer=str(tmp_path / "tok"))
+    assert dm.tokenizer.spec == trained.spec and dm.vocab_size == 300
+    assert dm.tokenizer.decode(np.fromfile(dm.cache_dir / "train.bin", dtype=dm.meta["dtype"]).tolist()) == \
+        corpus.read_text()[: int(200_000 * 0.9)]
+    with pytest.raises(FileNotFoundError, match="train-tokenizer"):
+        TextDataModule(data_dir=str(tmp_path / "data"), tokenizer=str(tmp_path / "no-such-folder")).tokenizer

@@ -14,7 +14,7 @@ from project.generate import generate  # noqa: E402
 from project.hf import export_hf, gpt_from_hf, hf_family, hf_tokenizer  # noqa: E402
 from project.model import GPT, GPTConfig  # noqa: E402
 from project.module import GPTModule  # noqa: E402
-from project.tokenizer import CharTokenizer, TiktokenTokenizer  # noqa: E402
+from project.tokenizer import CharTokenizer, TiktokenTokenizer, train_bpe  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
 
@@ -109,6 +109,24 @@ def test_bpe_tokenizer_matches_tiktoken(tmp_path):
     assert tok(TEXT)["input_ids"] == ids
     assert tok.decode(ids) == TEXT
     assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == ours.eot_id == 50256
+
+
+def test_trained_bpe_export_gives_autotokenizer_the_same_ids(shakespeare_path, tmp_path):
+    """Exported with a model, a trained BPE loads in stock transformers with identical ids, seen text or not."""
+    from project.checkpoint import load_model
+
+    text = shakespeare_path.read_text()
+    ours = train_bpe(text[:200_000], 700)
+    torch.manual_seed(0)
+    export_hf(GPT(GPTConfig(vocab_size=ours.vocab_size, **TINY)).eval(), ours, tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for sample in (text[500_000:520_000], TEXT, "\x00\x1b[0m \u200b\U0010fffd"):
+        ids = ours.encode(sample)
+        assert tok(sample)["input_ids"] == ids
+        assert tok.decode(ids) == sample
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == ours.eot_id
+    reloaded = load_model(tmp_path / "hf").tokenizer  # serve/generate from the exported folder
+    assert reloaded.encode(TEXT) == ours.encode(TEXT) and reloaded.vocab_size == 700
 
 
 def test_char_tokenizer_matches(chars, shakespeare_path, tmp_path):

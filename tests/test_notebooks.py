@@ -23,7 +23,8 @@ NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 NOTEBOOK_TIMEOUT = 180  # seconds per notebook, all cells together
 CHAPTERS = ["01-tokens-and-embeddings", "02-attention", "03-the-transformer-block", "04-training",
-            "05-generation-and-sharing", "appendix-a-manual-derivatives"]
+            "05-generation-and-sharing", "06-your-own-tokenizer",
+            "appendix-a-manual-derivatives"]
 
 
 def test_chapters_present_and_listed_in_the_guide():
