@@ -121,7 +121,7 @@ TRAIN_TOKENIZER_BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", TRAIN_TOKENIZER_BAD_INPUTS, ids=list(TRAIN_TOKENIZER_BAD_INPUTS))
 def test_train_tokenizer_bad_input_is_a_one_line_error(case, tmp_path, capsys):
-    from project.cli import main
+    from project.commands import main
 
     (tmp_path / "existing").mkdir()
     (tmp_path / "corpus.txt").write_text("Fair Verona, where we lay our scene.\n" * 50)
@@ -136,7 +136,7 @@ def test_train_tokenizer_bad_input_is_a_one_line_error(case, tmp_path, capsys):
 
 
 def test_train_tokenizer_command_writes_a_folder_fit_can_use(shakespeare_path, tmp_path, capsys):
-    from project.cli import main
+    from project.commands import main
     from project.tokenizer import BPETokenizer
 
     main(["train-tokenizer", "--path", str(shakespeare_path), "--vocab_size", "512", "--out", str(tmp_path / "tok")])
