@@ -273,7 +273,7 @@ CASES = [
     bad("corpus-broken-symlink", [*FIT, "--data.path", "{broken_link}"], "does not exist"),
     bad("corpus-without-sample-prompt", [*FIT, "--data.path", "{one_line_txt}"], "--samples.prompt", cli=True),
     bad("data_dir-is-a-file", [*FIT, "--data.data_dir", "{afile}"], "--data.data_dir"),
-    bad("tokenizer-unknown", [*FIT, "--data.tokenizer", "gpt5"], "unknown tiktoken encoding"),
+    bad("tokenizer-unknown", [*FIT, "--data.tokenizer", "gpt5"], "unknown tokenizer"),
     bad("bpe-offline", [*FIT, "--data.tokenizer", "gpt2"], "TIKTOKEN_CACHE_DIR", cli=True,
         env={"TIKTOKEN_CACHE_DIR": "{empty_tiktoken_cache}", "HTTPS_PROXY": "http://127.0.0.1:9",
              "HTTP_PROXY": "http://127.0.0.1:9"}),
