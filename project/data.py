@@ -164,7 +164,15 @@ class TextDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         check_val_fraction(val_fraction)
+        for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                   ("max_val_windows", max_val_windows, 1)):
+            if value is not None and value < least:
+                raise ValueError(f"--data.{name} must be >= {least}, got {value}"
+                                 + (" (null = every window)" if name == "max_val_windows" else ""))
         self.data_dir = Path(data_dir)
+        if self.data_dir.is_file():
+            raise NotADirectoryError(f"--data.data_dir {data_dir} is a file: pass a folder (downloads and token "
+                                     "caches go there)")
         self.path = Path(path) if path else self.data_dir / "tinyshakespeare" / "input.txt"
         self.is_shakespeare = path is None
         self.tokenizer_name, self.vocabulary = tokenizer, vocabulary
@@ -183,6 +191,9 @@ class TextDataModule(LightningDataModule):
     def ensure_corpus(self) -> None:
         """Download TinyShakespeare when it is the corpus and no local copy exists; verify a local copy."""
         if not self.is_shakespeare:
+            if self.path.is_dir():
+                raise IsADirectoryError(f"corpus file {self.path} is a folder: pass --data.path pointing to a UTF-8 "
+                                        "text file (a folder of files: python -m project prepare)")
             if not self.path.is_file():
                 raise FileNotFoundError(f"corpus file {self.path} does not exist: pass --data.path pointing to a UTF-8 text file")
             return
