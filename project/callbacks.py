@@ -353,7 +353,10 @@ class RunFolderGuard(Callback):
         if not trainer.is_global_zero or trainer.log_dir is None or fcntl is None:
             return
         self.folder = Path(trainer.log_dir)
-        self.created = not self.folder.exists()
+        # Lightning has made the logger's folder by now: it is this run's if it holds only this process's events
+        mine = f".{os.getpid()}."
+        self.created = all(p.name.startswith("events.out.tfevents.") and mine in p.name
+                           for p in self.folder.rglob("*") if p.is_file())
         self.folder.mkdir(parents=True, exist_ok=True)
         lock = open(self.folder / ".lock", "a+")
         try:

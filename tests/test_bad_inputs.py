@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli, run_main
+from conftest import REPO, free_port, run_cli, run_main
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 FIT = ["fit", "--config", DEBUG]
@@ -222,6 +222,8 @@ class Artifacts(dict):
         self.request.addfinalizer(sock.close)
         return sock.getsockname()[1]
 
+    def make_free_port(self): return free_port()
+
     def make_empty_tiktoken_cache(self):
         (self.case / "tiktoken_cache").mkdir()
         return self.case / "tiktoken_cache"
@@ -322,7 +324,7 @@ CASES = [
     bad("hostile-dcp-validate", ["validate", "--config", DEBUG, "--ckpt_path", "{hostile_dcp}"], "refusing"),
     bad("hostile-dcp-consolidate", ["consolidate", "--ckpt_path", "{hostile_dcp}", "--out", "{case}/one.ckpt"],
         "refusing", cli=True),
-    bad("hostile-dcp-serve", ["serve", "--ckpt_path", "{hostile_dcp}", "--port", "{busy_port}"], "refusing",
+    bad("hostile-dcp-serve", ["serve", "--ckpt_path", "{hostile_dcp}", "--port", "{free_port}"], "refusing",
         cli=True),
     bad("hostile-dcp-resume", [*FIT, "--ckpt_path", "{hostile_dcp}"], "refusing", cli=True),
     bad("hostile-dcp-behind-symlink", [*GENERATE, "{hostile_link}"], "refusing"),
@@ -343,7 +345,7 @@ CASES = [
     bad("top_k-zero", [*GENERATE, "{ckpt}", "--top_k", "0"], "top_k must be >= 1"),
     bad("max_new_tokens-negative", [*GENERATE, "{ckpt}", "--max_new_tokens", "-1"], "max_new_tokens must be >= 0"),
     bad("max_new_tokens-not-a-number", [*GENERATE, "{ckpt}", "--max_new_tokens", "many"], "max_new_tokens"),
-    bad("seed-overflow", [*GENERATE, "{ckpt}", "--seed", str(10**30)], "--seed"),
+    bad("seed-overflow", [*GENERATE, "{ckpt}", "--seed", str(10**30)], "seed must be"),
     bad("stop-empty-string", [*GENERATE, "{ckpt}", "--stop", '[""]'], "stop"),
     bad("generate-unknown-flag", [*GENERATE, "{ckpt}", "--temprature", "0"], "temprature"),
     bad("device-cuda", [*GENERATE, "{ckpt}", "--device", "cuda"], "--device cpu", cli=True, marks=NO_CUDA),
