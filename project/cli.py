@@ -206,10 +206,12 @@ def check_resume_settings(config, checkpoint: dict, ckpt_path: str) -> None:
     """ValueError when `fit --ckpt_path` asks for optimizer settings other than the checkpoint's."""
     saved = checkpoint.get("hyper_parameters") or {}
     defaults = inspect.signature(GPTModule.__init__).parameters
+    def plain(value):  # betas: a tuple in the config, a list in the checkpoint
+        return list(value) if isinstance(value, tuple) else value
+
     for key in RESTORED_BY_RESUME:
-        asked, default = config.model.get(key), defaults[key].default
-        normalise = (lambda v: list(v)) if key == "betas" else (lambda v: v)
-        if key not in saved or asked is None or normalise(asked) in (normalise(saved[key]), normalise(default)):
+        asked, default = plain(config.model.get(key)), plain(defaults[key].default)
+        if key not in saved or asked is None or asked in (plain(saved[key]), default):
             continue  # not set, or the checkpoint's value
         raise ValueError(f"--model.{key} {asked} differs from checkpoint {ckpt_path} ({saved[key]}): a resume "
                          "restores the optimizer and its schedule, so it keeps the checkpoint's; drop the flag to "
