@@ -350,30 +350,34 @@ class RunFolderGuard(Callback):
         self.lock = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None or fcntl is None:
-            return
-        self.folder = Path(trainer.log_dir)
+        log_dir = trainer.log_dir  # a collective (broadcast from rank 0): every rank asks
+        busy = self.take_lock(Path(log_dir)) if trainer.is_global_zero and log_dir and fcntl else None
+        busy = trainer.strategy.broadcast(busy)  # every rank stops, not only rank 0 (the others would hang)
+        if busy:
+            raise RunFolderBusyError(busy)
+
+    def take_lock(self, folder: Path) -> str | None:
+        """Lock `folder` for this process; the one-line reason when another process holds it."""
         # Lightning has made the logger's folder by now: it is this run's if it holds only this process's events
         mine = f".{os.getpid()}."
-        self.created = all(p.name.startswith("events.out.tfevents.") and mine in p.name
-                           for p in self.folder.rglob("*") if p.is_file())
-        self.folder.mkdir(parents=True, exist_ok=True)
-        lock = open(self.folder / ".lock", "a+")
+        created = all(p.name.startswith("events.out.tfevents.") and mine in p.name
+                      for p in folder.rglob("*") if p.is_file())
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".lock", "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             lock.seek(0)
             owner = lock.read().strip() or "?"
             lock.close()
-            self.folder = None
-            raise RunFolderBusyError(f"run folder {trainer.log_dir} is being written by another process (pid "
-                                     f"{owner}): wait for it to end or stop it, or train into a new folder (without "
-                                     "--ckpt_path last)") from None
+            return (f"run folder {folder} is being written by another process (pid {owner}): wait for it to end "
+                    "or stop it, or train into a new folder (without --ckpt_path last)")
         lock.seek(0)
         lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
-        self.lock = lock
+        self.folder, self.created, self.lock = folder, created, lock
+        return None
 
     def release(self) -> None:
         if self.lock is not None:
