@@ -22,6 +22,7 @@ from project.callbacks import (GPTCheckpoint, NonFiniteLossGuard, PredictionWrit
                                TokenThroughputMonitor)
 from project.data import TextDataModule
 from project.model import GPTConfig, architecture_fields
+from project.tokenizer import bpe_vocab_size, is_tokenizer_folder
 from project.module import VAL_LOSS, GPTModule
 
 PROG = "python -m project"  # the name usage lines show (the `gpt` script runs the same commands)
@@ -188,8 +189,13 @@ def check_tokenizer(config, checkpoint: dict, ckpt_path: str) -> None:
     state = checkpoint.get("tokenizer")
     if not isinstance(state, dict) or config.data.get("streaming_dir"):
         return  # a streaming folder brings its own tokenizer
-    saved = "char" if state.get("kind") == "char" else state.get("name")
-    if config.data.tokenizer != saved:
+    asked = config.data.tokenizer
+    if state.get("kind") == "bpe":  # a trained BPE, which bpe:N or a tokenizer folder names (check_checkpoint
+        saved = "bpe:N (or its tokenizer folder)"  # compared its vocabulary with the weights)
+        asked = saved if bpe_vocab_size(asked) is not None or is_tokenizer_folder(asked) else asked
+    else:
+        saved = "char" if state.get("kind") == "char" else state.get("name")
+    if asked != saved:
         raise ValueError(f"--data.tokenizer {config.data.tokenizer} differs from the tokenizer of checkpoint "
                          f"{ckpt_path} ({saved}), whose vocabulary is fixed: pass --data.tokenizer {saved} (its "
                          "run's config.yaml has every setting)")
