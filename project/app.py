@@ -16,9 +16,11 @@ It listens on 127.0.0.1 unless `--host` says otherwise, and any other host needs
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import secrets
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -253,6 +255,28 @@ def top_figure(top: list[tuple[str, float]]) -> Figure:
 
 
 # --- the page ---------------------------------------------------------------------------------------------------
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """ValueError naming the culprit when the app could not listen on host:port: a port out of range or in use,
+    or a host that is not a name or address of this machine (checked before the model is loaded)."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror:
+        raise ValueError(f"--host {host} is not a known host name or address: use 127.0.0.1 (this machine only) "
+                         "or 0.0.0.0 (every interface)") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise ValueError(f"port {port} on {host} is in use by another program: pass another --port, or "
+                                 "stop that program") from None
+            raise ValueError(f"cannot listen on --host {host} --port {port} ({err.strerror}): use --host 127.0.0.1, "
+                             "or an address of this machine") from None
 
 
 def build_app(loaded: LoadedCheckpoint, *, max_prompt_chars: int = 2000, concurrency_limit: int = 2,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -25,6 +26,11 @@ import torch
 
 from project.generate import complete_batch
 
+try:
+    import fcntl  # advisory file locks (POSIX); without it a second writer is not detected
+except ImportError:
+    fcntl = None
+
 
 class TextSampleCallback(Callback):
     """After each validation, generate a sample from `prompt` and log it to TensorBoard (tab TEXT).
@@ -35,6 +41,18 @@ class TextSampleCallback(Callback):
     def __init__(self, prompt: str = "\n", max_new_tokens: int = 200, seed: int = 1234) -> None:
         self.prompt, self.max_new_tokens, self.seed = prompt, max_new_tokens, seed
         self.last_sample: str | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check the prompt now, not at the first validation (after steps that would be lost)."""
+        if pl_module.tokenizer is None or self.max_new_tokens == 0:
+            return
+        try:
+            ok = bool(pl_module.tokenizer.encode(self.prompt))
+        except ValueError as err:
+            raise ValueError(f"--samples.prompt {self.prompt!r} cannot be encoded ({err}): pass --samples.prompt "
+                             "with text made of the corpus's characters, e.g. its first word") from None
+        if not ok:
+            raise ValueError("--samples.prompt is empty: pass some text, e.g. the corpus's first word")
 
     @rank_zero_only
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -147,6 +165,9 @@ class PredictionWriter(BasePredictionWriter):
         path = self.resolve_path(trainer)
         if trainer.is_global_zero and path.exists():
             raise FileExistsError(f"{path} exists; choose another --predictions.output_path or remove it")
+        blocking = next((parent for parent in path.parents if parent.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise NotADirectoryError(f"--predictions.output_path {path}: {blocking} is a file, not a folder")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         if not trainer.is_global_zero:  # under tensor parallelism every rank holds the same outputs
@@ -308,6 +329,73 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = None) -> dict:
+        """Lightning's resume reads through here: weights only, whatever --weights_only says (the CLI refuses
+        false, and has checked the file with project.checkpoint.read_checkpoint)."""
+        return super().load_checkpoint(path, map_location, weights_only=True)
+
+
+class RunFolderGuard(Callback):
+    """One writer per run folder, and no folder left behind by a run that fails before its first checkpoint.
+
+    At setup rank 0 takes an exclusive lock on <log_dir>/.lock (the OS releases it when the process ends, however
+    it ends): a second process given the same folder, e.g. `--ckpt_path last` while the run still trains, gets a
+    one-line error instead of both writing the same checkpoints. The CLI adds it to every run.
+    """
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self.created = False  # by this run: removed again if the run fails before writing a checkpoint
+        self.lock = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        log_dir = trainer.log_dir  # a collective (broadcast from rank 0): every rank asks
+        busy = self.take_lock(Path(log_dir)) if trainer.is_global_zero and log_dir and fcntl else None
+        busy = trainer.strategy.broadcast(busy)  # every rank stops, not only rank 0 (the others would hang)
+        if busy:
+            raise RunFolderBusyError(busy)
+
+    def take_lock(self, folder: Path) -> str | None:
+        """Lock `folder` for this process; the one-line reason when another process holds it."""
+        # Lightning has made the logger's folder by now: it is this run's if it holds only this process's events
+        mine = f".{os.getpid()}."
+        created = all(p.name.startswith("events.out.tfevents.") and mine in p.name
+                      for p in folder.rglob("*") if p.is_file())
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            owner = lock.read().strip() or "?"
+            lock.close()
+            return (f"run folder {folder} is being written by another process (pid {owner}): wait for it to end "
+                    "or stop it, or train into a new folder (without --ckpt_path last)")
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self.folder, self.created, self.lock = folder, created, lock
+        return None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            Path(self.lock.name).unlink(missing_ok=True)
+            self.lock.close()
+            self.lock = None
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.release()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.release()
+        if self.created and self.folder is not None and not any(self.folder.rglob("*.ckpt")):
+            shutil.rmtree(self.folder, ignore_errors=True)  # only config.yaml and logs of a run that never saved
+
+
+class RunFolderBusyError(FileExistsError):
+    """Another process holds the run folder's lock (raised by RunFolderGuard)."""
 
 
 class NonFiniteLossGuard(Callback):

@@ -1,16 +1,23 @@
 """Loading a trained model (weights, config and tokenizer) from a Lightning checkpoint, safely.
 
 Also reads the transformers directories `python -m project export` writes (through project.hf, which
-knows that format both ways). Checkpoints are read with `torch.load(weights_only=True)`: only tensors and plain containers, never
-pickled code. Used by `generate`, `export`, `serve` and the notebooks. Distributed (DCP) checkpoint folders
-written under ModelParallelStrategy (configs/strategy/tp.yaml) are read too, or consolidated once into a
-single .ckpt (optimizer state included, so training resumes on one device) with
-`python -m project consolidate --ckpt_path DIR --out FILE.ckpt`.
+knows that format both ways). Used by `generate`, `export`, `serve`, the notebooks, and (through
+`read_checkpoint`, called by the CLI before Lightning opens the file) by fit/validate/test/predict --ckpt_path.
+Distributed (DCP) checkpoint folders written under ModelParallelStrategy (configs/strategy/tp.yaml) are read
+too, or consolidated once into a single .ckpt (optimizer state included, so training resumes on one device)
+with `python -m project consolidate --ckpt_path DIR --out FILE.ckpt`.
+
+What is trusted: nothing in a file a user points at may run code. Checkpoint files and meta.pt are read with
+`torch.load(weights_only=True)` (tensors and plain containers only); a DCP folder's `.metadata`, which torch
+itself unpickles with plain `pickle`, is first unpickled here with an allow-list of the classes
+torch.distributed.checkpoint writes there (DCP_METADATA_GLOBALS); transformers folders are read from
+safetensors and JSON. Then the stored config, weights and tokenizer must agree before a model is built.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -20,7 +27,7 @@ import torch
 
 from project.hf import read_hf_directory
 from project.model import GPT, GPTConfig
-from project.tokenizer import Tokenizer, tokenizer_from_state
+from project.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_state
 
 
 @dataclass
@@ -34,10 +41,90 @@ class LoadedCheckpoint:
     metrics: dict = field(default_factory=dict)  # e.g. best val/loss recorded by ModelCheckpoint
 
 
+# What a DCP folder's .metadata may name: torch writes (and reads) it with plain pickle, so it is unpickled
+# here first, allowing only these globals (and torch dtypes); anything else is refused before it is built
+DCP_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # how torch pickles a layout: looked up by its name
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a class or function outside the allow-list."""
+
+
+class DistributedMetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP `.metadata` file, refusing every global but DCP_METADATA_GLOBALS and torch dtypes."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in DCP_METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                      torch.dtype)):
+            return super().find_class(module, name)
+        raise RefusedGlobal(f"{module}.{name}")
+
+
+def local_path(path: str | Path) -> Path:
+    """`path` as a local Path; a URL is refused (Lightning would download it and unpickle it unchecked)."""
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(path)):
+        raise ValueError(f"checkpoint {path} is a URL, which is never read: download it, then pass the local path")
+    return Path(path)
+
+
 def is_distributed_checkpoint(path: str | Path) -> bool:
     """A DCP folder as ModelParallelStrategy writes it: tensor shards + .metadata + Lightning's meta.pt."""
     path = Path(path)
     return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+
+
+def check_distributed_metadata(path: Path):
+    """The folder's `.metadata`, unpickled with DistributedMetadataUnpickler; ValueError ("refusing ...") when
+    it names anything else, so neither this project nor Lightning ever unpickles a crafted one."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(path / ".metadata", "rb") as f:
+            metadata = DistributedMetadataUnpickler(f).load()
+    except RefusedGlobal as err:
+        raise ValueError(f"refusing checkpoint {path}: its .metadata names {err}, which no distributed checkpoint "
+                         "holds (it would run code when unpickled)") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"checkpoint {path} has a truncated or foreign .metadata ({type(err).__name__}: "
+                         f"{str(err)[:120]})") from None
+    if not isinstance(metadata, Metadata):
+        raise ValueError(f"refusing checkpoint {path}: its .metadata holds a {type(metadata).__name__}, not the "
+                         "metadata of a distributed checkpoint")
+    return metadata
+
+
+def load_weights_only(path: Path) -> object:
+    """torch.load(weights_only=True) of a checkpoint file, with one-line errors for an empty file, a Git LFS
+    pointer, pickled objects (refused, never loaded) and truncated or foreign bytes."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): the copy or the run that wrote it was cut short")
+    with open(path, "rb") as f:
+        if f.read(len(LFS_POINTER)) == LFS_POINTER:
+            raise ValueError(f"checkpoint {path} is a Git LFS pointer, not the checkpoint: run `git lfs pull` in "
+                             "the repository it came from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        if refused:
+            raise ValueError(f"checkpoint {path} is not a checkpoint of this project: it holds pickled Python "
+                             f"objects ({refused.group(1)}), which are never loaded (only tensors and plain values "
+                             "are)") from None
+        raise ValueError(f"checkpoint {path} is truncated or not a checkpoint of this project "
+                         f"({str(err).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ValueError(f"checkpoint {path} is truncated or not a checkpoint of this project ({reason})") from None
 
 
 def read_distributed_checkpoint(path: str | Path) -> dict:
@@ -47,33 +134,85 @@ def read_distributed_checkpoint(path: str | Path) -> dict:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = Path(path)
-    reader = dcp.FileSystemReader(path)
+    metadata = check_distributed_metadata(path)
     weights = {  # DCP flattens nested keys with dots: "state_dict.model.wte.weight"
         key.removeprefix("state_dict."): torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        for key, meta in metadata.state_dict_metadata.items()
         if key.startswith("state_dict.") and isinstance(meta, TensorStorageMetadata)
     }
+    checkpoint = load_weights_only(path / "meta.pt")
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {path}: meta.pt is not a checkpoint of this project")
     state = {"state_dict": weights}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=reader, no_dist=True)  # gathers every shard into the full tensors
-    checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        # reads .metadata again with plain pickle: the same bytes just checked (a folder swapped in between
+        # needs write access to it while this runs)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=True)
     checkpoint["state_dict"] = state["state_dict"]
     return checkpoint
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The raw checkpoint dict, with one-line errors for a missing, truncated or foreign file."""
-    path = Path(path)
-    if is_distributed_checkpoint(path):
-        return read_distributed_checkpoint(path)
-    if not path.is_file():
+    """The raw checkpoint dict of a .ckpt file or DCP folder, read safely (see the module docstring) and checked
+    (`check_checkpoint`), with one-line errors for a missing, truncated, foreign or inconsistent one."""
+    path = local_path(path)
+    if path.is_dir():
+        if not (path / ".metadata").is_file():
+            raise ValueError(f"folder {path} is not a checkpoint: pass a .ckpt file, a distributed checkpoint folder "
+                             "(.metadata + meta.pt) or a folder written by `python -m project export`")
+        if not (path / "meta.pt").is_file():
+            raise ValueError(f"distributed checkpoint {path} has no meta.pt (hyperparameters, tokenizer): copy the "
+                             "whole folder the run wrote")
+        checkpoint = read_distributed_checkpoint(path)
+    elif not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass --ckpt_path pointing to a .ckpt written by fit")
+    else:
+        checkpoint = load_weights_only(path)
+    check_checkpoint(checkpoint, path)
+    return checkpoint
+
+
+def check_checkpoint(checkpoint, path: Path) -> None:
+    """ValueError unless `checkpoint` is this project's: a state_dict, plain hyperparameters with a model config
+    that builds exactly these weight shapes, and a tokenizer of the model's vocabulary."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this project (no state_dict)")
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("config"), dict):
+        raise ValueError(f"checkpoint {path} lacks this project's model config (hyper_parameters.config): pass a "
+                         ".ckpt written by fit")
+    # "_class_path" and the like tell LightningCLI which class to import and build: this project writes none
+    directives = sorted(key for key in hparams if str(key).startswith("_"))
+    if directives:
+        raise ValueError(f"refusing checkpoint {path}: its hyperparameters carry {', '.join(directives)}, which "
+                         "would tell LightningCLI what to import; this project never writes them")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-        reason = str(err).splitlines()[0][:200]
-        raise ValueError(f"checkpoint {path} is truncated or not a checkpoint of this project ({reason})") from None
+        config = GPTConfig(**hparams["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {path} has an invalid model config ({err})") from None
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        expected = GPT(config).state_dict()
+    stored = model_state_dict(checkpoint)
+    for key, tensor in stored.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"checkpoint {path} does not match its stored config: {key} is {tuple(tensor.shape)}, "
+                             f"the config (vocab_size={config.vocab_size}, block_size={config.block_size}, "
+                             f"n_embd={config.n_embd}) makes it {tuple(expected[key].shape)}")
+    missing = [k for k in expected if k not in stored and not (k == "lm_head.weight" and config.tie_embeddings)]
+    unexpected = [k for k in stored if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match its stored config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    if "tokenizer" in checkpoint:
+        tokenizer = tokenizer_from_state(checkpoint["tokenizer"]) if isinstance(checkpoint["tokenizer"], dict) else None
+        if tokenizer is None:
+            raise ValueError(f"checkpoint {path} has an unreadable tokenizer state")
+        fits = (tokenizer.vocab_size == config.vocab_size if isinstance(tokenizer, CharTokenizer)  # one id each
+                else tokenizer.vocab_size <= config.vocab_size)  # BPE: the model's vocabulary may be padded
+        if not fits:
+            raise ValueError(f"checkpoint {path}: its tokenizer has {tokenizer.vocab_size} tokens but the model "
+                             f"{config.vocab_size}: the checkpoint was edited or mixed up with another run's")
 
 
 def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
@@ -87,19 +226,14 @@ def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Rebuild the GPT and tokenizer stored in a checkpoint written by `python -m project fit`."""
-    checkpoint = read_checkpoint(path)
-    try:
-        config = GPTConfig(**checkpoint["hyper_parameters"]["config"])
-        tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"checkpoint {path} lacks this project's model config or tokenizer ({err!r})") from None
+    device = resolve_device(device)
+    checkpoint = read_checkpoint(path)  # checked: the config builds exactly these weights
+    if "tokenizer" not in checkpoint:
+        raise ValueError(f"checkpoint {path} lacks its tokenizer: pass a .ckpt written by fit")
+    config = GPTConfig(**checkpoint["hyper_parameters"]["config"])
+    tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
     model = GPT(config)
-    missing, unexpected = model.load_state_dict(model_state_dict(checkpoint), strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_embeddings]
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match its architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    model.load_state_dict(model_state_dict(checkpoint), strict=False)  # only a tied lm_head.weight is missing
     model.to(device).eval()
     metrics = {}
     for key, cb_state in checkpoint.get("callbacks", {}).items():
@@ -121,8 +255,9 @@ def consolidate_checkpoint(*, ckpt_path: str, out: str) -> Path:
     """
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    if not is_distributed_checkpoint(ckpt_path):
+    if not is_distributed_checkpoint(local_path(ckpt_path)):
         raise ValueError(f"{ckpt_path} is not a distributed checkpoint folder (with .metadata and meta.pt)")
+    read_checkpoint(ckpt_path)  # refuses a crafted .metadata or meta.pt before torch unpickles them below
     target = Path(out)
     if target.exists():
         raise FileExistsError(f"{target} exists; choose another --out or remove it")
@@ -157,11 +292,25 @@ def optimizer_state_by_position(state: dict) -> dict:
     return {"state": {position[name]: value for name, value in state["state"].items()}, "param_groups": groups}
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device this machine has, or a one-line ValueError naming one it has."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {device} is not a torch device: use cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(resolved.type, False):
+        raise ValueError(f"--device {device}: this machine has no such device: use --device cpu")
+    return resolved
+
+
 def load_model(path: str | Path, device: str = "cpu") -> LoadedCheckpoint:
     """A .ckpt file or distributed checkpoint folder, or a transformers directory written by
     `python -m project export` (read by project.hf)."""
-    path = Path(path)
-    if path.is_dir() and not is_distributed_checkpoint(path) and (path / "config.json").is_file():
+    path = local_path(path)
+    exported = any((path / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+    if path.is_dir() and not (path / ".metadata").exists() and exported:
+        device = resolve_device(device)
         model, tokenizer = read_hf_directory(path)
         return LoadedCheckpoint(model.to(device), tokenizer, path)
     return load_checkpoint(path, device=device)

@@ -8,9 +8,11 @@ project/commands.py dispatches to `run_lightning` and turns the errors raised he
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -20,6 +22,7 @@ from project.callbacks import (GPTCheckpoint, NonFiniteLossGuard, PredictionWrit
                                TokenThroughputMonitor)
 from project.data import TextDataModule
 from project.model import GPTConfig, architecture_fields
+from project.tokenizer import bpe_vocab_size, is_tokenizer_folder
 from project.module import VAL_LOSS, GPTModule
 
 PROG = "python -m project"  # the name usage lines show (the `gpt` script runs the same commands)
@@ -56,23 +59,38 @@ class GPTCLI(LightningCLI):
         parser.link_arguments("model.config.block_size", "data.block_size")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        """Then resolve `--ckpt_path last` and check the checkpoint, before LightningCLI applies its hyperparameters."""
+        """Then check the Trainer flags, put runs under --trainer.default_root_dir, resolve `--ckpt_path last`
+        and check the checkpoint, before LightningCLI applies its hyperparameters (and before Lightning opens it)."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        if not subcommand or not self.config[subcommand].get("ckpt_path"):
+        if not subcommand:
             return
         config = self.config[subcommand]
+        check_trainer_flags(config.trainer)
+        place_runs_under_root_dir(config)
+        if not config.get("ckpt_path"):
+            return
+        if config.get("weights_only") is False:
+            raise ValueError("--weights_only false would let the checkpoint run code when unpickled: this project "
+                             "loads weights only; drop the flag")
         if config.ckpt_path == "last":
             resolve_last_checkpoint(config)
-        # a missing, truncated or foreign file: one-line error here, before anything is built
+        # a missing, truncated, foreign or crafted file: one-line error here, before anything is built
         self.checkpoint = read_checkpoint(config.ckpt_path)
         check_architecture(config, self.checkpoint, config.ckpt_path)
+        check_tokenizer(config, self.checkpoint, config.ckpt_path)
+        if subcommand == "fit":
+            check_resume_settings(config, self.checkpoint, config.ckpt_path)
+        self.compile = config.model.get("compile")  # a resume may switch it: re-applied after the checkpoint's
 
     def before_instantiate_classes(self) -> None:
         """Show training progress in steps (StepProgressBar). A character model's vocabulary comes from its
         checkpoint, so resuming or predicting needs no corpus; so does a `bpe:N` model's tokenizer when predicting."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         add_step_progress_bar(config.trainer)
+        add_callback(config.trainer, "project.callbacks.RunFolderGuard")  # one writer; no empty folder on failure
+        if getattr(self, "compile", None) is not None:
+            config.model.compile = self.compile
         ckpt_path = config.get("ckpt_path")
         if config.data.vocabulary or not ckpt_path or not Path(ckpt_path).is_file():
             return
@@ -95,8 +113,14 @@ def add_step_progress_bar(trainer_config) -> None:
     chosen = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
     if trainer_config.get("enable_progress_bar") is False or chosen:
         return
-    trainer_config.callbacks = [*callbacks, Namespace(class_path="project.callbacks.StepProgressBar",
-                                                      init_args=Namespace())]
+    add_callback(trainer_config, "project.callbacks.StepProgressBar")
+
+
+def add_callback(trainer_config, class_path: str) -> None:
+    """Append a callback (by class path, no arguments) to the Trainer's callbacks of a config."""
+    callbacks = trainer_config.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    trainer_config.callbacks = [*callbacks, Namespace(class_path=class_path, init_args=Namespace())]
 
 
 def check_architecture(config, checkpoint: dict, ckpt_path: str) -> None:
@@ -124,6 +148,83 @@ def check_architecture(config, checkpoint: dict, ckpt_path: str) -> None:
         )
 
 
+def check_trainer_flags(trainer) -> None:
+    """One-line errors for Trainer flags Lightning would reject with a traceback (or a division by zero)."""
+    accelerator = str(trainer.get("accelerator"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--trainer.accelerator {accelerator}: this machine has no CUDA GPU: use "
+                         "--trainer.accelerator cpu (or auto)")
+    devices = trainer.get("devices")
+    count = int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.lstrip("-").isdigit()) else None
+    if count is not None and (count == 0 or count < -1):
+        raise ValueError(f"--trainer.devices must be a positive number, -1 (every device), auto or a list of "
+                         f"device ids, got {devices}")
+    if trainer.get("max_steps") is not None and trainer.max_steps < -1:
+        raise ValueError(f"--trainer.max_steps must be >= 0, or -1 for no limit, got {trainer.max_steps}")
+    accumulate = trainer.get("accumulate_grad_batches")
+    if isinstance(accumulate, int) and accumulate < 1:
+        raise ValueError(f"--trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
+
+
+def logger_init_args(config):
+    """The init_args of the (first) logger in a subcommand's config, or None."""
+    logger = config.trainer.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    return logger.get("init_args") if hasattr(logger, "get") else None
+
+
+def place_runs_under_root_dir(config) -> None:
+    """--trainer.default_root_dir DIR: runs go to DIR/runs/<name>/version_N (the logger's default "runs" is
+    relative to it), where `--ckpt_path last` looks for them too. Lightning applies the root dir only when
+    no logger is configured, and this CLI always configures one."""
+    root = config.trainer.get("default_root_dir")
+    init = logger_init_args(config)
+    if root and init is not None and init.get("save_dir") == "runs":
+        init.save_dir = str(Path(root) / "runs")
+
+
+def check_tokenizer(config, checkpoint: dict, ckpt_path: str) -> None:
+    """ValueError when --data.tokenizer names another tokenizer than the checkpoint's (its vocabulary is fixed)."""
+    state = checkpoint.get("tokenizer")
+    if not isinstance(state, dict) or config.data.get("streaming_dir"):
+        return  # a streaming folder brings its own tokenizer
+    asked = config.data.tokenizer
+    if state.get("kind") == "bpe":  # a trained BPE, which bpe:N or a tokenizer folder names (check_checkpoint
+        saved = "bpe:N (or its tokenizer folder)"  # compared its vocabulary with the weights)
+        asked = saved if bpe_vocab_size(asked) is not None or is_tokenizer_folder(asked) else asked
+    else:
+        saved = "char" if state.get("kind") == "char" else state.get("name")
+    if asked != saved:
+        raise ValueError(f"--data.tokenizer {config.data.tokenizer} differs from the tokenizer of checkpoint "
+                         f"{ckpt_path} ({saved}), whose vocabulary is fixed: pass --data.tokenizer {saved} (its "
+                         "run's config.yaml has every setting)")
+
+
+# GPTModule arguments a resume restores with the optimizer and its LR schedule, so it cannot change them (LightningCLI
+# would replace new values with the checkpoint's without a word). A resume can change every Trainer flag (max_steps,
+# precision, devices, ...), the data loading (batch_size, num_workers), the callbacks and --model.compile.
+RESTORED_BY_RESUME = ("learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "optimizer", "muon_lr",
+                      "muon_momentum", "muon_weight_decay")
+
+
+def check_resume_settings(config, checkpoint: dict, ckpt_path: str) -> None:
+    """ValueError when `fit --ckpt_path` asks for optimizer settings other than the checkpoint's."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    defaults = inspect.signature(GPTModule.__init__).parameters
+    def plain(value):  # betas: a tuple in the config, a list in the checkpoint
+        return list(value) if isinstance(value, tuple) else value
+
+    for key in RESTORED_BY_RESUME:
+        asked, default = plain(config.model.get(key)), plain(defaults[key].default)
+        if key not in saved or asked is None or asked in (plain(saved[key]), default):
+            continue  # not set, or the checkpoint's value
+        raise ValueError(f"--model.{key} {asked} differs from checkpoint {ckpt_path} ({saved[key]}): a resume "
+                         "restores the optimizer and its schedule, so it keeps the checkpoint's; drop the flag to "
+                         "resume, or start a new run (a resume can change Trainer flags, data loading, callbacks "
+                         "and --model.compile)")
+
+
 def resolve_last_checkpoint(config) -> None:
     """`--ckpt_path last`: the newest last.ckpt of this logger name (runs/<name>/version_*/checkpoints).
 
@@ -131,10 +232,7 @@ def resolve_last_checkpoint(config) -> None:
     and sets the logger's version to it so the resumed run's curves continue in the same folder.
     """
     dirpath = config.get("checkpoint.dirpath")
-    logger = config.trainer.get("logger")
-    if isinstance(logger, list):
-        logger = logger[0] if logger else None
-    init = logger.get("init_args") if hasattr(logger, "get") else None
+    init = logger_init_args(config)
     if dirpath:
         candidates = [Path(dirpath) / "last.ckpt"]
     elif init is not None and init.get("save_dir") is not None and init.get("name") is not None:

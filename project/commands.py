@@ -18,17 +18,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import torch
 from jsonargparse import auto_cli
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from project.checkpoint import consolidate_checkpoint, load_checkpoint, load_model
+from project.checkpoint import consolidate_checkpoint, load_model
 from project.cli import PROG, OneLineErrorParser, run_lightning
 from project.gguf_export import GGUFDtype
 from project.guide import NOTEBOOK_DIR, build_guide  # imports nbclient/nbconvert only when it runs
 from project.streaming import prepare_corpus  # imports litdata only when it runs
 
-# errors that carry a message meant for the user: printed as one line, exit status 1
+# errors that carry a message meant for the user: printed as one line, exit status 1 (Lightning raises
+# MisconfigurationException for settings it cannot honour)
 USER_ERRORS = (ValueError, ConnectionError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
-               IsADirectoryError)
+               IsADirectoryError, MisconfigurationException)
+MEMORY_HINT = ("lower --model.config.block_size, n_embd or n_layer, --data.batch_size, or the generation's "
+               "--max_new_tokens")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: torch's OutOfMemoryError (accelerators) or the CPU allocator's RuntimeError."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
 def generate_command(
@@ -83,7 +93,8 @@ def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = 
     model.gguf and an Ollama Modelfile (project/gguf_export.py).
 
     Args:
-        ckpt_path: a .ckpt written by `python -m project fit`.
+        ckpt_path: a .ckpt written by `python -m project fit`, a distributed checkpoint folder, or a directory
+            written by `python -m project export`.
         out: the directory to write (config.json, model.safetensors, generation_config.json, tokenizer files;
             or model.gguf and Modelfile).
         format: hf (transformers directory) or gguf (one .gguf file for llama.cpp, plus a Modelfile).
@@ -95,14 +106,14 @@ def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = 
 
     if format == "gguf":
         check_gguf_output(out, overwrite)  # fail before loading anything
-        loaded = load_checkpoint(ckpt_path)
+        loaded = load_model(ckpt_path)
         path = export_gguf(loaded.model.float(), loaded.tokenizer, out, dtype=dtype, overwrite=overwrite)
         print(f"exported {ckpt_path} as GGUF ({dtype}) to {path}, with an Ollama Modelfile beside it")
         return
     if dtype != "f32":
         raise ValueError(f"--dtype {dtype} applies to --format gguf only: the hf format is always f32")
     out_path = check_export_target(out, overwrite)  # fail before loading anything
-    loaded = load_checkpoint(ckpt_path)
+    loaded = load_model(ckpt_path)
     export_hf(loaded.model.float(), loaded.tokenizer, out_path, overwrite=overwrite)
     print(f"exported {ckpt_path} as {hf_architecture(loaded.model.config)} to {out_path}")
 
@@ -141,10 +152,9 @@ def serve_command(
     """
     import uvicorn
 
-    from project.app import API_KEY_ENV, build_server, is_loopback  # imports gradio only when the app is built
+    from project.app import API_KEY_ENV, build_server, check_can_listen, is_loopback  # imports gradio when built
 
-    if not 0 < port < 65536:
-        raise ValueError(f"port must be in 1..65535, got {port}")
+    check_can_listen(host, port)  # a busy port or unknown host: one line, before the model is loaded
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if api_key is None and not is_loopback(host):
         raise ValueError(f"--host {host} opens the server to the network: set an API key with --api_key or "
@@ -284,10 +294,23 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0 if words else 2)
         if words[0] in COMMANDS:
             auto_cli(COMMANDS[words[0]], args=words[1:], prog=f"{PROG} {words[0]}", parser_class=OneLineErrorParser)
-        else:
+        elif words[0] in LIGHTNING_SUMMARIES or words[0].startswith("-"):
             run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+        else:
+            raise ValueError(f"unknown command {words[0]!r}: use one of {', '.join([*LIGHTNING_SUMMARIES, *COMMANDS])} "
+                             f"({PROG} --help)")
     except USER_ERRORS as err:
         if os.environ.get("PROJECT_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(1)
+    except (RuntimeError, MemoryError) as err:
+        if not out_of_memory(err) or os.environ.get("PROJECT_DEBUG"):
+            raise  # our bug: the traceback is the report
+        print(f"error: not enough memory ({one_line(err)[:160]}): {MEMORY_HINT}", file=sys.stderr)
+        sys.exit(1)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message as one line (library messages sometimes span several)."""
+    return " ".join(str(err).split()) or type(err).__name__

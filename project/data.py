@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from project import streaming
@@ -32,7 +33,7 @@ from project.tokens import (ValWindows, atomic_write_bytes, check_val_fraction, 
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-CACHE_VERSION = 1  # bump when the token file layout changes, so stale caches are rebuilt
+CACHE_VERSION = 2  # bump when the token file layout changes, so stale caches are rebuilt
 
 
 def sha256_of(path: Path) -> str:
@@ -57,6 +58,23 @@ def download_shakespeare(dest: Path, url: str = SHAKESPEARE_URL) -> None:
         raise ConnectionError(f"downloaded TinyShakespeare from {url} failed its SHA-256 check; nothing was written")
     dest.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(dest, data)
+
+
+def token_cache_problem(folder: Path) -> str | None:
+    """Why a token cache folder cannot be used (half-written meta.json, a token file of another size or
+    checksum than meta.json records), or None when it is intact."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        files = meta["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        return f"meta.json unreadable: {type(err).__name__}"
+    for name in ("train.bin", "val.bin"):
+        record, path = files.get(name) or {}, folder / name
+        if not path.is_file() or path.stat().st_size != record.get("bytes"):
+            return f"{name} is not the size meta.json records"
+        if sha256_of(path) != record.get("sha256"):
+            return f"{name} does not match its checksum"
+    return None
 
 
 def read_corpus(path: Path) -> str:
@@ -164,7 +182,15 @@ class TextDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         check_val_fraction(val_fraction)
+        for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                   ("max_val_windows", max_val_windows, 1)):
+            if value is not None and value < least:
+                raise ValueError(f"--data.{name} must be >= {least}, got {value}"
+                                 + (" (null = every window)" if name == "max_val_windows" else ""))
         self.data_dir = Path(data_dir)
+        if self.data_dir.is_file():
+            raise NotADirectoryError(f"--data.data_dir {data_dir} is a file: pass a folder (downloads and token "
+                                     "caches go there)")
         self.path = Path(path) if path else self.data_dir / "tinyshakespeare" / "input.txt"
         self.is_shakespeare = path is None
         self.tokenizer_name, self.vocabulary = tokenizer, vocabulary
@@ -183,6 +209,9 @@ class TextDataModule(LightningDataModule):
     def ensure_corpus(self) -> None:
         """Download TinyShakespeare when it is the corpus and no local copy exists; verify a local copy."""
         if not self.is_shakespeare:
+            if self.path.is_dir():
+                raise IsADirectoryError(f"corpus file {self.path} is a folder: pass --data.path pointing to a UTF-8 "
+                                        "text file (a folder of files: python -m project prepare)")
             if not self.path.is_file():
                 raise FileNotFoundError(f"corpus file {self.path} does not exist: pass --data.path pointing to a UTF-8 text file")
             return
@@ -229,8 +258,13 @@ class TextDataModule(LightningDataModule):
             return  # prepared beforehand by `python -m project prepare`
         self.ensure_corpus()
         out = self.find_cache_dir()
+        if self.meta is not None:
+            return  # checked once per run
         if (out / "meta.json").exists():
-            return
+            problem = token_cache_problem(out)
+            if problem is None:
+                return
+            rank_zero_info(f"token cache {out} is damaged ({problem}): rebuilding it")
         text = read_corpus(self.path)
         tokenizer = self.tokenizer
         dtype = token_dtype(tokenizer.vocab_size)
@@ -246,6 +280,8 @@ class TextDataModule(LightningDataModule):
             atomic_write_bytes(out / f"{name}.bin", ids.tobytes())
             meta[f"{name}_tokens"] = int(len(ids))
             meta[f"{name}_bytes"] = len(part.encode("utf-8"))
+            # sizes and checksums, so a cache cut short or altered later is detected and rebuilt
+            meta.setdefault("files", {})[f"{name}.bin"] = {"bytes": ids.nbytes, "sha256": sha256_of(out / f"{name}.bin")}
         atomic_write_bytes(out / "meta.json", json.dumps(meta, indent=2).encode())
 
     def load_meta(self) -> dict:

@@ -39,9 +39,13 @@ class GenerationSettings:
         return asdict(self)
 
 
-def validate_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+MAX_SEED = 2**64 - 1  # torch generators take seeds from 0 to this
+
+
+def validate_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int,
+                      seed: int | None = None) -> None:
     """Raise ValueError with the allowed range for any sampling value out of range."""
-    if temperature < 0:
+    if not temperature >= 0:  # also refuses NaN
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
@@ -49,6 +53,14 @@ def validate_sampling(temperature: float, top_k: int | None, top_p: float | None
         raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED} (or None for random), got {seed}")
+
+
+def validate_stop(stop: list[str] | None) -> None:
+    """An empty stop string would end every generation before its first token: refuse it."""
+    if stop and any(not s for s in stop):
+        raise ValueError(f"stop strings must not be empty (an empty one stops at once), got {stop!r}")
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -139,7 +151,7 @@ def generate_tokens(
     Arguments are checked when called (ValueError), before the first token is produced. Close the iterator
     (or exhaust it) to free the KV cache and restore the model's train/eval mode.
     """
-    validate_sampling(temperature, top_k, top_p, max_new_tokens)
+    validate_sampling(temperature, top_k, top_p, max_new_tokens, seed)
     validate_prompt(idx, model.config.block_size)
     if compile and not use_kv_cache:
         raise ValueError("compile needs the KV cache (its fixed shape is what makes one graph): keep use_kv_cache")
@@ -160,10 +172,12 @@ def _generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, tempera
     was_training = model.training
     model.eval()
     batch, prompt_len = idx.shape
-    # every token of the sequence so far, preallocated (no per-step concatenation)
-    seq = torch.empty(batch, prompt_len + max_new_tokens, dtype=idx.dtype, device=idx.device)
+    # the sequence so far, preallocated (no per-step concatenation) but never longer than 2 * block_size past
+    # the prompt: once the context is full only the last block_size tokens are read, so they move to the front
+    capacity = prompt_len + min(max_new_tokens, 2 * block_size)
+    seq = torch.empty(batch, capacity, dtype=idx.dtype, device=idx.device)
     seq[:, :prompt_len] = idx
-    length = prompt_len
+    length = total = prompt_len  # tokens held in seq; tokens of the whole sequence
     positions = torch.arange(block_size, device=idx.device)  # input_pos slices, made once
     try:
         if use_kv_cache:
@@ -173,15 +187,18 @@ def _generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, tempera
         for _ in range(max_new_tokens):
             if not use_kv_cache:
                 logits = model(seq[:, max(0, length - block_size) : length], last_only=True)
-            elif length == prompt_len:  # prefill: the whole prompt at once (plain causal attention)
+            elif total == prompt_len:  # prefill: the whole prompt at once (plain causal attention)
                 logits = model(seq[:, :length], input_pos=positions[:length], last_only=True)
-            elif length <= block_size:  # decode: one new token, attending to the cache
+            elif total <= block_size:  # decode: one new token, attending to the cache (seq is not shifted yet)
                 logits = step(model, seq[:, length - 1 : length], positions[length - 1 : length])
             else:  # the context is full: slide the window, re-reading the last block_size tokens
                 logits = model(seq[:, length - block_size : length], input_pos=positions, last_only=True)
             next_ids = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if length == capacity:  # only reached past the context: keep the last block_size tokens
+                seq[:, :block_size] = seq[:, length - block_size : length].clone()
+                length = block_size
             seq[:, length] = next_ids
-            length += 1
+            length, total = length + 1, total + 1
             yield next_ids
     finally:
         model.clear_kv_cache()
@@ -208,6 +225,7 @@ def generate(
     Generation ends early when every row has produced `eot_id` or one of the `stop` strings (decoded with
     `tokenizer`); rows that finish first are padded with `eot_id` (or 0) so the batch stays rectangular.
     """
+    validate_stop(stop)
     if stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer to decode the output")
     steps = generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -250,6 +268,7 @@ def stream(
     emitted whole once complete. Text that might be the start of a stop string is held back until known.
     """
     settings = settings or GenerationSettings()
+    validate_stop(settings.stop)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("prompt is empty: give at least one character")

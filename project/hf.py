@@ -228,17 +228,15 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dic
 
 def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a transformers directory's safetensors file(s); pickled .bin weights are refused."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(single)
+        return read_safetensors(single)
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(path / shard))
+            state.update(read_safetensors(path / shard))
         return state
     if any(path.glob("*.bin")):
         raise ValueError(f"{path} holds only pickled .bin weights, which are never loaded here: convert them to "
@@ -246,12 +244,28 @@ def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{path} has no model.safetensors: pass a transformers model directory")
 
 
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; a truncated or foreign file is a one-line ValueError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except SafetensorError as err:
+        raise ValueError(f"{file} is truncated or not a safetensors file ({err}): export or download it again") from None
+
+
 def read_hf_config(path: str | Path):
     """The transformers config of a local directory (offline)."""
     transformers = _require_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json)")
+        raise FileNotFoundError(f"{path} is not a transformers model directory (no config.json): pass a folder "
+                                "written by `python -m project export`, or copy its config.json back")
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({err}): export or download it again") from None
     return transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 

@@ -41,6 +41,11 @@ class GPTConfig:
     tie_embeddings: bool = True  # share the token embedding with the LM head
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):  # before any division by them
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden must be >= 1 (or null for the default width), got {self.mlp_hidden}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
@@ -50,9 +55,6 @@ class GPTConfig:
             raise ValueError(f"n_kv_head ({self.n_kv_head}) must be >= 1 and divide n_head ({self.n_head})")
         if self.positions == "rope" and self.head_dim % 2 != 0:
             raise ValueError(f"RoPE needs an even head_dim, got n_embd/n_head = {self.head_dim}")
-        for name in ("vocab_size", "block_size", "n_layer"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

@@ -20,6 +20,20 @@ from project.tokenizer import Tokenizer, tokenizer_from_state
 TRAIN_LOSS, VAL_LOSS, VAL_PPL, VAL_BPB = "train/loss", "val/loss", "val/ppl", "val/bpb"
 
 
+def check_optimizer_values(*, learning_rate: float, muon_lr: float, min_lr_ratio: float, warmup_steps: int,
+                           weight_decay: float) -> None:
+    """ValueError naming the flag for a value the optimizer or its schedule cannot do what was meant with."""
+    for name, value in (("learning_rate", learning_rate), ("muon_lr", muon_lr)):
+        if not 0 < value < float("inf"):
+            raise ValueError(f"--model.{name} must be a positive number, got {value}")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"--model.min_lr_ratio must be in [0, 1] (a fraction of the peak), got {min_lr_ratio}")
+    if warmup_steps < 0:
+        raise ValueError(f"--model.warmup_steps must be >= 0 (0 = no warmup), got {warmup_steps}")
+    if not weight_decay >= 0:
+        raise ValueError(f"--model.weight_decay must be >= 0, got {weight_decay}")
+
+
 class GPTModule(LightningModule):
     """Next-token language modelling on top of `project.model.GPT`.
 
@@ -63,6 +77,8 @@ class GPTModule(LightningModule):
     ) -> None:
         super().__init__()
         config = GPTConfig(**config) if isinstance(config, dict) else config
+        check_optimizer_values(learning_rate=learning_rate, muon_lr=muon_lr, min_lr_ratio=min_lr_ratio,
+                               warmup_steps=warmup_steps, weight_decay=weight_decay)
         generation = GenerationSettings(**generation) if isinstance(generation, dict) else generation or GenerationSettings()
         # plain dicts, so checkpoints load with torch.load(weights_only=True). Sampling settings are left
         # out: LightningCLI applies checkpoint hyperparameters over the command line when --ckpt_path is set

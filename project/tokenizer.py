@@ -40,6 +40,12 @@ class TiktokenTokenizer:
         except ValueError as err:  # unknown encoding name
             raise ValueError(f"unknown tokenizer {name!r}: use 'gpt2', 'char', 'bpe:N' (e.g. bpe:4096) or a folder "
                              f"written by train-tokenizer ({err})") from None
+        except OSError as err:  # not in tiktoken's cache and the download failed (requests errors are OSErrors)
+            cache = os.environ.get("TIKTOKEN_CACHE_DIR") or "tiktoken's default cache folder"
+            raise ConnectionError(
+                f"the {name!r} BPE files are not in {cache} and could not be downloaded ({type(err).__name__}); "
+                "offline? copy them there once from a machine online (set TIKTOKEN_CACHE_DIR), or use 'char'"
+            ) from None
         self.name = name
         self.vocab_size = self.encoding.n_vocab
         self.eot_id = self.encoding.eot_token

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -52,10 +53,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m project ...` in a subprocess, as a user would."""
+def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run `python -m project ...` in a subprocess, as a user would (`env`: extra environment variables)."""
     return subprocess.run([sys.executable, "-m", "project", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def run_main(capsys, *args: str) -> tuple[int | str | None, str]:
+    """Run the command line in this process (faster than run_cli): its exit status and stderr."""
+    from project.commands import main
+
+    # logging handlers made at import time hold the stderr of an earlier test's capture: point them here
+    handlers = [h for logger in logging.Logger.manager.loggerDict.values() for h in getattr(logger, "handlers", [])
+                if type(h) is logging.StreamHandler]
+    previous = [h.stream for h in handlers]
+    for handler in handlers:
+        handler.stream = sys.stderr  # not setStream: it flushes the old stream, which may be closed
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(args))
+            sys.exit(0)
+    finally:
+        for handler, stream in zip(handlers, previous):
+            handler.stream = stream
+    return exit_info.value.code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="session")

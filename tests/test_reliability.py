@@ -1,9 +1,8 @@
-"""Reliability: exact resume after SIGKILL, Ctrl-C and atomic checkpoints, the non-finite loss guard, and
-one-line errors for bad input that leave existing files alone."""
+"""Reliability: exact resume after SIGKILL, Ctrl-C and atomic checkpoints, one writer per run folder, and the
+non-finite loss guard. Bad input (one-line errors, existing files left alone) is tests/test_bad_inputs.py."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -15,11 +14,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import DEBUG_CONFIG, REPO, run_cli
-from project.commands import main
+from conftest import DEBUG_CONFIG, REPO, run_cli, run_main
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
-CONTEXT = DEBUG_CONFIG["model"]["config"]["block_size"]  # of the trained_run checkpoint
 # a tiny run that logs the loss every step, with dropout on so the RNG state matters on resume
 FAST = ["--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false", "--model.config.dropout", "0.1",
         "--samples.max_new_tokens", "4", "--trainer.val_check_interval", "10"]
@@ -95,6 +92,26 @@ def test_ctrl_c_saves_last_checkpoint(data_dir, tmp_path):
     assert not list(last.parent.glob(".*.tmp"))
 
 
+def test_a_second_writer_of_one_run_folder_is_refused(data_dir, tmp_path):
+    """`--ckpt_path last` while the run is still training would write the same folder: refused, and the first
+    run goes on to save its own last.ckpt."""
+    args = ["fit", "--config", DEBUG, "--data.data_dir", str(data_dir), *FAST, "--trainer.max_steps", "100000",
+            "--trainer.val_check_interval", "100000", "--checkpoint.last_every_n_steps", "2"]
+    first = popen_cli(*args, cwd=tmp_path)
+    last = tmp_path / "runs" / "gpt" / "version_0" / "checkpoints" / "last.ckpt"
+    wait_for(last, first)
+    second = run_cli(*args, "--ckpt_path", "last", cwd=tmp_path)
+    first.send_signal(signal.SIGINT)
+    _, first_err = first.communicate(timeout=120)
+    assert second.returncode != 0
+    last_line = second.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and "another process" in last_line, second.stderr[-2000:]
+    assert "interrupted at step" in first_err, first_err[-2000:]
+    step = int(first_err.split("interrupted at step ")[1].split(":")[0])
+    assert torch.load(last, weights_only=True)["global_step"] == step
+    assert not list(last.parent.glob(".*.tmp")) and not (tmp_path / "runs" / "gpt" / "version_1").exists()
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     """A crash while the bytes are written leaves the previous last.ckpt complete, and no temporary file."""
     from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -116,16 +133,9 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def fit_in_process(capsys, *args: str) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-        sys.exit(0)
-    return exit_info.value.code, capsys.readouterr().err
-
-
 def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, err = fit_in_process(capsys, "fit", "--config", DEBUG, "--data.data_dir", str(data_dir), *FAST,
+    code, err = run_main(capsys, "fit", "--config", DEBUG, "--data.data_dir", str(data_dir), *FAST,
                                "--model.learning_rate", "1e30", "--trainer.max_steps", "20")
     assert code != 0
     last_line = err.strip().splitlines()[-1]
@@ -135,76 +145,12 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path, capsys
 
 def test_nonfinite_loss_skip_drops_batches_then_gives_up(data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, err = fit_in_process(capsys, "fit", "--config", DEBUG, "--data.data_dir", str(data_dir), *FAST,
+    code, err = run_main(capsys, "fit", "--config", DEBUG, "--data.data_dir", str(data_dir), *FAST,
                                "--model.learning_rate", "1e30", "--trainer.max_steps", "20",
                                "--nan_guard.action", "skip", "--nan_guard.max_skips", "2")
     assert code != 0
     assert err.count("skipped this batch") == 2, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("error: non-finite training loss at step ")
-
-
-def file_hashes(root: Path) -> dict[Path, str]:
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
-
-
-BAD_INPUTS = {
-    # id: (arguments, with {ckpt} {data} {tmp} filled in; a substring of the final `error:` line)
-    "unknown-key": (["fit", "--config", DEBUG, "--model.config.n_layers", "3"], "n_layers"),
-    "wrong-type": (["fit", "--config", DEBUG, "--model.config.n_layer", "two"], "n_layer"),
-    "missing-corpus": (["fit", "--config", DEBUG, "--data.path", "{tmp}/nope.txt"], "does not exist"),
-    "empty-corpus": (["fit", "--config", DEBUG, "--data.path", "{tmp}/empty.txt"], "is empty"),
-    "short-corpus": (["fit", "--config", DEBUG, "--data.path", "{tmp}/short.txt"], "fewer than one window"),
-    "not-utf8": (["fit", "--config", DEBUG, "--data.path", "{tmp}/latin1.txt"], "not UTF-8"),
-    "n_embd-n_head": (["fit", "--config", DEBUG, "--model.config.n_embd", "30", "--model.config.n_head", "4"],
-                      "divisible by n_head"),
-    "block_size-too-large": (["predict", "--config", DEBUG, "--ckpt_path", "{ckpt}", "--model.config.block_size",
-                              "64"], "larger than the context"),
-    "other-architecture": (["predict", "--config", DEBUG, "--ckpt_path", "{ckpt}", "--model.config.n_layer", "3"],
-                           "different architecture"),
-    "resume-other-architecture": (["fit", "--config", DEBUG, "--ckpt_path", "{ckpt}", "--model.config.n_embd",
-                                   "64"], "different architecture"),
-    "other-norm-eps": (["predict", "--config", DEBUG, "--ckpt_path", "{ckpt}", "--model.config.norm_eps", "1e-3"],
-                       "norm_eps=1e-05"),  # every architecture field of GPTConfig is checked, not a hand-kept list
-    "missing-ckpt": (["predict", "--config", DEBUG, "--ckpt_path", "{tmp}/nope.ckpt"], "does not exist"),
-    "truncated-ckpt-predict": (["predict", "--config", DEBUG, "--ckpt_path", "{tmp}/half.ckpt"], "truncated"),
-    "truncated-ckpt-generate": (["generate", "--ckpt_path", "{tmp}/half.ckpt"], "truncated"),
-    "no-last-ckpt": (["fit", "--config", DEBUG, "--ckpt_path", "last"], "no last.ckpt"),
-    "empty-prompt": (["generate", "--ckpt_path", "{ckpt}", "--prompt", ""], "prompt"),
-    "prompt-too-long": (["generate", "--ckpt_path", "{ckpt}", "--prompt", "x" * (CONTEXT + 8)], "shorten the prompt"),
-    "temperature": (["generate", "--ckpt_path", "{ckpt}", "--temperature", "-1"], "temperature must be >= 0"),
-    "top_p": (["generate", "--ckpt_path", "{ckpt}", "--top_p", "1.5"], "top_p must be in (0, 1]"),
-    "generate-wrong-type": (["generate", "--ckpt_path", "{ckpt}", "--max_new_tokens", "many"], "max_new_tokens"),
-    "generate-unknown-key": (["generate", "--ckpt_path", "{ckpt}", "--temprature", "0"], "temprature"),
-    "top_k": (["generate", "--ckpt_path", "{ckpt}", "--top_k", "0"], "top_k must be >= 1"),
-    "unwritable-root": (["fit", "--config", DEBUG, "--trainer.logger.init_args.save_dir", "{tmp}/afile/runs"],
-                        "afile"),
-    "export-existing-dir": (["export", "--ckpt_path", "{ckpt}", "--out", "{tmp}/exported"], "--overwrite"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
-def test_bad_input_fails_with_one_line_error(case, trained_run, data_dir, tmp_path, capsys, monkeypatch):
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "short.txt").write_text("To be.\n")
-    (tmp_path / "latin1.txt").write_bytes("Roméo et Juliette\n".encode("latin-1") * 200)
-    (tmp_path / "afile").write_text("a file, not a folder")
-    ckpt_bytes = Path(trained_run["ckpt"]).read_bytes()
-    (tmp_path / "half.ckpt").write_bytes(ckpt_bytes[: len(ckpt_bytes) // 2])
-    (tmp_path / "exported").mkdir()
-    (tmp_path / "exported" / "config.json").write_text("{}")
-    before = file_hashes(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    args, message = BAD_INPUTS[case]
-    args = [a.format(ckpt=trained_run["ckpt"], data=data_dir, tmp=tmp_path) for a in args]
-    if args[0] in ("fit", "predict"):
-        args += ["--data.data_dir", str(data_dir)]
-    code, err = fit_in_process(capsys, *args)
-    assert code not in (0, None)
-    last_line = err.strip().splitlines()[-1]
-    assert last_line.startswith("error:") and message in last_line, err[-3000:]
-    assert "Traceback" not in err
-    after = file_hashes(tmp_path)
-    assert {p: h for p, h in after.items() if p in before} == before  # nothing overwritten
 
 
 def test_compiled_model_checkpoints_load_into_an_uncompiled_model(trained_run):
