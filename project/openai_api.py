@@ -254,31 +254,10 @@ def add_openai_routes(app: FastAPI, loaded: LoadedCheckpoint, *, model_name: str
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         head = {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": model_name}
 
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
         if body.stream:
-            def events() -> Iterator[str]:
-                completion_tokens = 0
-                for index, prompt in enumerate(prompts):
-                    text = ""
-                    for piece in generator.pieces(prompt, settings):
-                        text += piece
-                        yield sse({**head, "choices": [{"index": index, "text": piece, "logprobs": None,
-                                                        "finish_reason": None}]})
-                    tokens = generator.count_tokens(text)
-                    completion_tokens += tokens
-                    yield sse({**head, "choices": [{"index": index, "text": "", "logprobs": None,
-                                                    "finish_reason": finish_reason(tokens, settings)}]})
-                if (body.stream_options or {}).get("include_usage"):
-                    yield sse({**head, "choices": [], "usage": usage(sum(prompt_tokens), completion_tokens)})
-            return event_stream(events())
-
-        choices, completion_tokens = [], 0
-        for index, prompt in enumerate(prompts):
-            text = "".join(generator.pieces(prompt, settings))
-            tokens = generator.count_tokens(text)
-            completion_tokens += tokens
-            choices.append({"index": index, "text": text, "logprobs": None,
-                            "finish_reason": finish_reason(tokens, settings)})
-        return {**head, "choices": choices, "usage": usage(sum(prompt_tokens), completion_tokens)}
+            return event_stream(completion_events(generator, prompts, settings, head, sum(prompt_tokens), include_usage))
+        return completion_response(generator, prompts, settings, head, sum(prompt_tokens))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     def chat_completions(body: ChatRequest):
@@ -291,30 +270,67 @@ def add_openai_routes(app: FastAPI, loaded: LoadedCheckpoint, *, model_name: str
         settings = generator.settings(body, max_tokens, [SPEECH_END])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
         if body.stream:
-            def events() -> Iterator[str]:
-                chunk = {**head, "object": "chat.completion.chunk"}
-                yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                 "finish_reason": None}]})
-                text = ""
-                for piece in generator.pieces(prompt, settings):
-                    text += piece
-                    yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
-                tokens = generator.count_tokens(text)
-                yield sse({**chunk, "choices": [{"index": 0, "delta": {},
-                                                 "finish_reason": finish_reason(tokens, settings)}]})
-                if (body.stream_options or {}).get("include_usage"):
-                    yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, tokens)})
-            return event_stream(events())
-
-        text = "".join(generator.pieces(prompt, settings))
-        tokens = generator.count_tokens(text)
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish_reason(tokens, settings)}],
-                "usage": usage(prompt_tokens, tokens)}
+            return event_stream(chat_events(generator, prompt, settings, head, prompt_tokens, include_usage))
+        return chat_response(generator, prompt, settings, head, prompt_tokens)
 
     return app
+
+
+def completion_events(generator: Generator, prompts: list[str], settings: GenerationSettings, head: dict,
+                      prompt_tokens: int, include_usage: bool) -> Iterator[str]:
+    """The streamed /v1/completions: a chunk per piece of text, a closing chunk per prompt, then usage if asked."""
+    completion_tokens = 0
+    for index, prompt in enumerate(prompts):
+        text = ""
+        for piece in generator.pieces(prompt, settings):
+            text += piece
+            yield sse({**head, "choices": [{"index": index, "text": piece, "logprobs": None, "finish_reason": None}]})
+        tokens = generator.count_tokens(text)
+        completion_tokens += tokens
+        yield sse({**head, "choices": [{"index": index, "text": "", "logprobs": None,
+                                        "finish_reason": finish_reason(tokens, settings)}]})
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+
+
+def completion_response(generator: Generator, prompts: list[str], settings: GenerationSettings, head: dict,
+                        prompt_tokens: int) -> dict:
+    """The unstreamed /v1/completions: one choice per prompt."""
+    choices, completion_tokens = [], 0
+    for index, prompt in enumerate(prompts):
+        text = "".join(generator.pieces(prompt, settings))
+        tokens = generator.count_tokens(text)
+        completion_tokens += tokens
+        choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason(tokens, settings)})
+    return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_events(generator: Generator, prompt: str, settings: GenerationSettings, head: dict, prompt_tokens: int,
+                include_usage: bool) -> Iterator[str]:
+    """The streamed /v1/chat/completions: the assistant role, a delta per piece, the finish reason, usage if asked."""
+    chunk = {**head, "object": "chat.completion.chunk"}
+    yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+    text = ""
+    for piece in generator.pieces(prompt, settings):
+        text += piece
+        yield sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+    tokens = generator.count_tokens(text)
+    yield sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason(tokens, settings)}]})
+    if include_usage:
+        yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, tokens)})
+
+
+def chat_response(generator: Generator, prompt: str, settings: GenerationSettings, head: dict,
+                  prompt_tokens: int) -> dict:
+    """The unstreamed /v1/chat/completions: one assistant message."""
+    text = "".join(generator.pieces(prompt, settings))
+    tokens = generator.count_tokens(text)
+    return {**head, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason(tokens, settings)}],
+            "usage": usage(prompt_tokens, tokens)}
 
 
 def event_stream(events: Iterator[str]) -> StreamingResponse:
