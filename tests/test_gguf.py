@@ -21,7 +21,7 @@ from project.commands import main
 from project.generate import generate
 from project.gguf_export import export_gguf, gguf_tensors, interleave_rope_rows
 from project.model import GPT, GPTConfig, apply_rope, rope_cache
-from project.tokenizer import CharTokenizer, TiktokenTokenizer
+from project.tokenizer import CharTokenizer, TiktokenTokenizer, train_bpe
 
 try:
     import llama_cpp
@@ -194,6 +194,23 @@ def test_gpt2_bpe_tokenizer_matches_tiktoken(tmp_path, shakespeare_path):
         assert llm.detokenize(tok.encode(text)).decode() == text
         assert llm.token_eos() == tok.eot_id and llm.token_bos() == tok.eot_id
     assert 'PARAMETER stop "<|endoftext|>"' in (tmp_path / "bpe" / "Modelfile").read_text()
+
+
+@needs_llama_cpp
+def test_trained_bpe_tokenizes_and_decodes_like_ours_in_llama_cpp(tmp_path, shakespeare_path):
+    """A byte-level BPE trained on the corpus (`bpe:N`) becomes llama.cpp's gpt2 tokenizer, id for id."""
+    corpus = shakespeare_path.read_text(encoding="utf-8")
+    tok = train_bpe(corpus[:200_000], 400)
+    model = random_gpt(tok.vocab_size)
+    path = export_gguf(model, tok, tmp_path / "trained")
+    text = corpus[500_000:503_000] + "\nCafé — naïve 日本語 🙂  tabs\tand  spaces\n"  # text the merges never saw
+    prompt = tok.encode("ROMEO:\nBut soft, what light")
+    with llama(path) as llm:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+        assert llm.detokenize(tok.encode(text)).decode() == text
+        assert llm.token_eos() == tok.eot_id
+        ours = generate(model, torch.tensor([prompt]), 24, temperature=0)[0, len(prompt):].tolist()
+        assert llama_greedy(llm, prompt, 24) == ours
 
 
 @pytest.mark.parametrize(("options", "message"), [
