@@ -63,6 +63,7 @@ WEIGHT_NAMES = {
     ),
 }
 
+
 def _require_transformers():
     try:
         import transformers
