@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from project.checkpoint import LoadedCheckpoint, load_model
+from project.checkpoint import LoadedCheckpoint
 from project.generate import GenerationSettings, request_model, stream, validate_sampling
-from project.model import GPT
 from project.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
 
 if TYPE_CHECKING:  # gradio and matplotlib are imported when the app is built, so `import project.commands` stays light

@@ -18,7 +18,8 @@ from conftest import DEBUG_CONFIG, REPO, free_port, run_cli
 gr = pytest.importorskip("gradio")
 pytest.importorskip("matplotlib")
 
-from project.app import App, build_app, load_model, model_card  # noqa: E402
+from project.app import App, build_app, model_card  # noqa: E402
+from project.checkpoint import load_model  # noqa: E402
 from project.generate import request_model  # noqa: E402
 from project.commands import serve_command  # noqa: E402
 from project.generate import GenerationSettings, stream  # noqa: E402

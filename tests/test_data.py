@@ -32,7 +32,6 @@ def test_char_vocabulary_has_65_symbols(data_dir):
 def test_train_targets_are_inputs_shifted_by_one_and_stay_in_train_split(data_dir):
     dm = prepared(data_dir, tokenizer="char", block_size=64, batch_size=4)
     train = np.memmap(dm.cache_dir / "train.bin", dtype=dm.meta["dtype"], mode="r")
-    text = bytes(train[:2000]).hex()  # noqa: F841 (only to force a read)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == y.shape == (4, 64)
     assert torch.equal(x[:, 1:], y[:, :-1])
