@@ -8,7 +8,7 @@ A further row runs our KV-cached decoding with `compile=True` (each single-token
 one-off compile time is printed apart and left out of its tokens/s.
 
 At batch 1, llama.cpp (llama-cpp-python, when importable) decodes greedily from the same weights exported to an
-f32 GGUF file by `project.gguf_export` (the mapping `export --format gguf` uses), in this process, with as many
+f32 GGUF file by `project.formats.gguf` (the mapping `export --format gguf` uses), in this process, with as many
 threads as torch and its default (float16) KV cache. Its vocabulary is a stand-in (one character per id):
 decoding speed does not depend on the tokenizer.
 
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import torch  # noqa: E402
 
-from project.generate import generate  # noqa: E402
-from project.hf import to_hf_model  # noqa: E402 (the same weight mapping as `export`)
+from project.generate import GenerationSettings, generate  # noqa: E402
+from project.formats.hf import to_hf_model  # noqa: E402 (the same weight mapping as `export`)
 from project.model import GPT, GPTConfig  # noqa: E402
 from project.tokenizer import CharTokenizer  # noqa: E402
 
@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     def ours(use_kv_cache: bool, sample: bool = False, compile: bool = False):
         def run(idx):
             if sample:
-                return generate(model, idx, new_tokens, temperature=0.8, top_k=200, seed=0)
-            return generate(model, idx, new_tokens, temperature=0.0, use_kv_cache=use_kv_cache, compile=compile)
+                sampled = GenerationSettings(max_new_tokens=new_tokens, temperature=0.8, top_k=200, seed=0)
+                return generate(model, idx, sampled)
+            return generate(model, idx, GenerationSettings(max_new_tokens=new_tokens, temperature=0.0),
+                            use_kv_cache=use_kv_cache, compile=compile)
         return run
 
     def hf_generate(sample: bool = False):
@@ -209,7 +211,7 @@ def llama_cpp_on_gguf(model: GPT, workdir: tempfile.TemporaryDirectory):
     except (ImportError, OSError) as err:
         print(f"llama.cpp row left out: llama-cpp-python cannot be imported ({err})", flush=True)
         return None
-    from project.gguf_export import export_gguf
+    from project.formats.gguf import export_gguf
 
     stand_in = CharTokenizer("".join(chr(0x100 + i) for i in range(model.config.vocab_size)))
     path = export_gguf(model, stand_in, Path(workdir.name) / "gguf", dtype="f32")

@@ -105,7 +105,7 @@ def load_setup(name: str, args) -> dict:
 
 
 def make_datamodule(setup: dict, args):
-    from project.data import TextDataModule
+    from project.data.datamodule import TextDataModule
 
     dm = TextDataModule(path=args.data_path, data_dir=args.data_dir, block_size=setup["model"]["config"]["block_size"],
                         **setup["data"])
@@ -116,7 +116,7 @@ def make_datamodule(setup: dict, args):
 
 def make_module(setup: dict, vocab_size: int):
     from project.model import GPTConfig
-    from project.module import GPTModule
+    from project.training.module import GPTModule
 
     torch.manual_seed(1337)
     model = dict(setup["model"])
@@ -132,7 +132,7 @@ def run_lightning(setup, dm, device, steps: int, warmup: int) -> float:
     """Seconds for `steps` timed training steps (after `warmup`) under the Trainer."""
     from lightning.pytorch import Callback, Trainer
 
-    from project.callbacks import TokenThroughputMonitor
+    from project.training.monitoring import TokenThroughput
 
     class Clock(Callback):
         def __init__(self):
@@ -149,7 +149,7 @@ def run_lightning(setup, dm, device, steps: int, warmup: int) -> float:
         accelerator=device.type, devices=1, max_steps=warmup + steps, precision=setup["precision"],
         gradient_clip_val=1.0, log_every_n_steps=setup["log_every_n_steps"], limit_val_batches=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[TokenThroughputMonitor(peak_flops=1e12), clock],
+        callbacks=[TokenThroughput(peak_flops=1e12), clock],
     )
     trainer.fit(module, datamodule=dm)
     return clock.times[-1] - clock.times[warmup - 1]
@@ -157,16 +157,15 @@ def run_lightning(setup, dm, device, steps: int, warmup: int) -> float:
 
 def run_plain(setup, dm, device, steps: int, warmup: int, compile: bool = False) -> float:
     """The same training step without Lightning: autocast, loss, backward, clip, step, schedule."""
-    from project.optim import build_optimizer
+    from project.training.optim import build_optimizer
 
     module = make_module(setup, dm.vocab_size).to(device)
     model = module.model.train()
     if compile:
         model.compile()  # as GPTModule.configure_model does with model.compile: true
 
-    hp = {k: v for k, v in module.hparams.items() if k not in ("config", "compile")}
-    optimizer, scheduler = build_optimizer(model, total_steps=warmup + steps, fused=device.type in ("cuda", "cpu"),
-                                           **hp)
+    optimizer, scheduler = build_optimizer(model, module.optimizer_settings, total_steps=warmup + steps,
+                                           fused=device.type in ("cuda", "cpu"))
     params = [p for g in optimizer.param_groups for p in g["params"]]
     dtype = autocast_dtype(setup["precision"])
     times = []
@@ -206,9 +205,6 @@ RUNNERS = {"lightning": run_lightning, "plain": run_plain, "naive": run_naive, "
 
 
 def speed(args) -> None:
-    import lightning
-
-    lightning.pytorch.utilities.rank_zero.rank_zero_only.rank = 0
     import logging
     import warnings
 
@@ -258,7 +254,7 @@ def nanogpt_recipe_seconds(args, iterations: int, evaluate: bool = True) -> floa
     """Seconds for `iterations` of nanoGPT's documented CPU recipe (characters, 4 layers x 4 heads x 128,
     block 64, batch 12, float32 AdamW, with `evaluate` an estimate on 2 x 20 batches every 250 iterations)
     run with this project's GPT in a plain loop."""
-    from project.data import TextDataModule
+    from project.data.datamodule import TextDataModule
     from project.model import GPT, GPTConfig
 
     dm = TextDataModule(path=args.data_path, data_dir=args.data_dir, tokenizer="char", block_size=64, batch_size=12)
@@ -346,7 +342,7 @@ def steps_per_budget(args) -> None:
         step = statistics.median(per_step[label])
         tokens = setup["data"]["batch_size"] * setup["model"]["config"]["block_size"]
         budget[label] = {"steps": int(TRAIN_SECONDS / (step * scale)), "tokens_per_second": tokens / (step * scale),
-                         "bytes_per_token": dm.meta["val_bytes"] / dm.meta["val_tokens"]}
+                         "bytes_per_token": dm.bytes_per_token("val")}
         print(f"| {label} | {tokens} | {step * 1e3:.0f} | {step * scale * 1e3:.0f} | {budget[label]['steps']} "
               f"| {budget[label]['tokens_per_second']:,.0f} |")
     Path(args.budget_file).parent.mkdir(parents=True, exist_ok=True)
@@ -423,7 +419,7 @@ def last_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def quality_command(arch: str, optimizer: str, args, save_dir: Path) -> list[str]:
     command = [sys.executable, "-m", "project", "fit", "--config", str(CONFIGS[arch]),
-               "--model.optimizer", optimizer, "--trainer.logger.init_args.save_dir", str(save_dir),
+               "--model.optimizer.name", optimizer, "--trainer.logger.init_args.save_dir", str(save_dir),
                "--trainer.logger.init_args.name", f"{arch}-{optimizer}", "--trainer.logger.init_args.version", "0",
                "--data.data_dir", args.data_dir]
     if args.data_path:
@@ -455,7 +451,7 @@ def quality(args) -> None:
                 continue
             logged = last_scalars(save_dir / f"{arch}-{optimizer}" / "version_0")
             bpb = logged.get("val/bpb", [(0, float("nan"))])
-            tps = [v for _, v in logged.get("train/device/items_per_sec", [])]
+            tps = [v for _, v in logged.get("train/tokens_per_sec", [])]
             steps = max((s for _, s in [(0, 0)] + [(v, s) for s, v in logged.get("train/loss", [])]), default=0)
             rows.append(f"| {arch} | {optimizer} | {bpb[-1][1]:.4f} (step {bpb[-1][0]}) | {min(v for _, v in bpb):.4f} "
                         f"| {steps} | {f'{statistics.median(tps):,.0f}' if tps else 'n/a'} | {minutes:.1f} |")

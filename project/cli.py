@@ -8,8 +8,8 @@ project/commands.py dispatches to `run_lightning` and turns the errors raised he
 
 from __future__ import annotations
 
-import inspect
-import sys
+import logging
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -17,13 +17,20 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from project.checkpoint import read_checkpoint
-from project.callbacks import (GPTCheckpoint, NonFiniteLossGuard, PredictionWriter, TextSampleCallback,
-                               TokenThroughputMonitor)
-from project.data import TextDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from project.data.datamodule import TextDataModule
+from project.formats.checkpoint import read_checkpoint
 from project.model import GPTConfig, architecture_fields
-from project.tokenizer import bpe_vocab_size, is_tokenizer_folder
-from project.module import VAL_LOSS, GPTModule
+from project.tokenizer import spec_kind
+from project.training.checkpointing import LatestCheckpoint
+from project.training.module import VAL_LOSS, GPTModule
+from project.training.monitoring import TextSampleCallback, TokenThroughput
+from project.training.nan_guard import NonFiniteLossGuard
+from project.training.optim import OptimizerSettings
+from project.training.predictions import PredictionWriter
+
+log = logging.getLogger(__name__)
 
 PROG = "python -m project"  # the name usage lines show (the `gpt` script runs the same commands)
 
@@ -40,18 +47,18 @@ class GPTCLI(LightningCLI):
     """LightningCLI with the project's always-on callbacks and the data -> model argument links."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # each of these is configurable from YAML or flags, e.g. --checkpoint.last_every_n_steps 500
-        # (ModelCheckpoint + periodic last.ckpt, atomic writes, save on Ctrl-C: project/callbacks.py)
-        parser.add_lightning_class_args(GPTCheckpoint, "checkpoint")
+        # each of these is configurable from YAML or flags, e.g. --last_checkpoint.every_n_train_steps 500
+        # (the best checkpoint by val/loss; last.ckpt beside it: project/training/checkpointing.py)
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": VAL_LOSS, "checkpoint.mode": "min", "checkpoint.save_top_k": 1,
-            "checkpoint.save_last": True, "checkpoint.filename": "best-step{step}",
-            "checkpoint.auto_insert_metric_name": False,
+            "checkpoint.filename": "best-step{step}", "checkpoint.auto_insert_metric_name": False,
         })
+        parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(TextSampleCallback, "samples")
-        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
+        parser.add_lightning_class_args(TokenThroughput, "throughput")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")  # --nan_guard.action stop|skip
         # the vocabulary is known by the data (tokenizer); the context length by the model
@@ -88,7 +95,8 @@ class GPTCLI(LightningCLI):
         checkpoint, so resuming or predicting needs no corpus; so does a `bpe:N` model's tokenizer when predicting."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         add_step_progress_bar(config.trainer)
-        add_callback(config.trainer, "project.callbacks.RunFolderGuard")  # one writer; no empty folder on failure
+        add_callback(config.trainer, "project.training.run_folder.RunFolderGuard")  # one writer; no empty folder
+        add_callback(config.trainer, "project.training.checkpointing.RandomState")  # dropout resumes exactly
         if getattr(self, "compile", None) is not None:
             config.model.compile = self.compile
         ckpt_path = config.get("ckpt_path")
@@ -113,7 +121,7 @@ def add_step_progress_bar(trainer_config) -> None:
     chosen = any("ProgressBar" in str(getattr(c, "class_path", c)) for c in callbacks)
     if trainer_config.get("enable_progress_bar") is False or chosen:
         return
-    add_callback(trainer_config, "project.callbacks.StepProgressBar")
+    add_callback(trainer_config, "project.training.monitoring.StepProgressBar")
 
 
 def add_callback(trainer_config, class_path: str) -> None:
@@ -185,43 +193,38 @@ def place_runs_under_root_dir(config) -> None:
 
 
 def check_tokenizer(config, checkpoint: dict, ckpt_path: str) -> None:
-    """ValueError when --data.tokenizer names another tokenizer than the checkpoint's (its vocabulary is fixed)."""
+    """ValueError when --data.tokenizer names another kind of tokenizer than the checkpoint's (its vocabulary is
+    fixed). A trained BPE (bpe:N or a tokenizer folder) may be named either way: the checkpoint carries it."""
     state = checkpoint.get("tokenizer")
     if not isinstance(state, dict) or config.data.get("streaming_dir"):
         return  # a streaming folder brings its own tokenizer
     asked = config.data.tokenizer
-    if state.get("kind") == "bpe":  # a trained BPE, which bpe:N or a tokenizer folder names (check_checkpoint
-        saved = "bpe:N (or its tokenizer folder)"  # compared its vocabulary with the weights)
-        asked = saved if bpe_vocab_size(asked) is not None or is_tokenizer_folder(asked) else asked
-    else:
-        saved = "char" if state.get("kind") == "char" else state.get("name")
-    if asked != saved:
-        raise ValueError(f"--data.tokenizer {config.data.tokenizer} differs from the tokenizer of checkpoint "
-                         f"{ckpt_path} ({saved}), whose vocabulary is fixed: pass --data.tokenizer {saved} (its "
-                         "run's config.yaml has every setting)")
-
-
-# GPTModule arguments a resume restores with the optimizer and its LR schedule, so it cannot change them (LightningCLI
-# would replace new values with the checkpoint's without a word). A resume can change every Trainer flag (max_steps,
-# precision, devices, ...), the data loading (batch_size, num_workers), the callbacks and --model.compile.
-RESTORED_BY_RESUME = ("learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "optimizer", "muon_lr",
-                      "muon_momentum", "muon_weight_decay")
+    saved = {"char": "char", "bpe": "bpe:N (or its tokenizer folder)"}.get(state.get("kind"), state.get("name"))
+    same = spec_kind(asked) == state.get("kind") and (state.get("kind") != "tiktoken" or asked == state.get("name"))
+    if not same:
+        raise ValueError(f"--data.tokenizer {asked} differs from the tokenizer of checkpoint {ckpt_path} ({saved}), "
+                         f"whose vocabulary is fixed: pass --data.tokenizer {saved} (its run's config.yaml has "
+                         "every setting)")
 
 
 def check_resume_settings(config, checkpoint: dict, ckpt_path: str) -> None:
-    """ValueError when `fit --ckpt_path` asks for optimizer settings other than the checkpoint's."""
-    saved = checkpoint.get("hyper_parameters") or {}
-    defaults = inspect.signature(GPTModule.__init__).parameters
-    def plain(value):  # betas: a tuple in the config, a list in the checkpoint
-        return list(value) if isinstance(value, tuple) else value
+    """ValueError when `fit --ckpt_path` asks for optimizer settings other than the checkpoint's.
 
-    for key in RESTORED_BY_RESUME:
-        asked, default = plain(config.model.get(key)), plain(defaults[key].default)
-        if key not in saved or asked is None or asked in (plain(saved[key]), default):
+    A resume restores the optimizer and its LR schedule, so it cannot change them (LightningCLI would replace new
+    values with the checkpoint's without a word). It can change every Trainer flag (max_steps, precision, devices,
+    ...), the data loading (batch_size, num_workers), the callbacks and --model.compile.
+    """
+    saved = (checkpoint.get("hyper_parameters") or {}).get("optimizer") or {}
+    asked = config.model.get("optimizer") or {}
+    defaults = OptimizerSettings().to_dict()
+    for name in (f.name for f in fields(OptimizerSettings)):
+        value = asked.get(name)
+        value = list(value) if isinstance(value, tuple) else value  # betas: a tuple in the config, a list stored
+        if name not in saved or value is None or value in (saved[name], defaults[name]):
             continue  # not set, or the checkpoint's value
-        raise ValueError(f"--model.{key} {asked} differs from checkpoint {ckpt_path} ({saved[key]}): a resume "
-                         "restores the optimizer and its schedule, so it keeps the checkpoint's; drop the flag to "
-                         "resume, or start a new run (a resume can change Trainer flags, data loading, callbacks "
+        raise ValueError(f"--model.optimizer.{name} {value} differs from checkpoint {ckpt_path} ({saved[name]}): a "
+                         "resume restores the optimizer and its schedule, so it keeps the checkpoint's; drop the flag "
+                         "to resume, or start a new run (a resume can change Trainer flags, data loading, callbacks "
                          "and --model.compile)")
 
 
@@ -252,7 +255,7 @@ def resolve_last_checkpoint(config) -> None:
     version = newest.parent.parent.name.removeprefix("version_")
     if not dirpath and init is not None and "version" in init and version.isdigit():
         init.version = int(version)  # log into the resumed run's folder (its checkpoints dir included)
-    print(f"resuming from {newest}", file=sys.stderr)
+    log.info("resuming from %s", newest)
 
 
 def run_lightning(args: list[str] | None) -> None:
@@ -265,7 +268,7 @@ def run_lightning(args: list[str] | None) -> None:
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": "runs", "name": "gpt"}},
             "gradient_clip_val": 1.0,
-            "plugins": [{"class_path": "project.callbacks.AtomicCheckpointIO"}],  # checkpoint files written atomically
+            "plugins": [{"class_path": "project.training.checkpointing.AtomicCheckpointIO"}],  # files written atomically
         },
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -22,11 +23,12 @@ import torch
 from jsonargparse import auto_cli
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from project.checkpoint import consolidate_checkpoint, load_model
 from project.cli import PROG, OneLineErrorParser, run_lightning
-from project.gguf_export import GGUFDtype
+from project.data.streaming import prepare_corpus  # imports litdata only when it runs
+from project.formats.checkpoint import consolidate_checkpoint, load_model
+from project.formats.gguf import GGUFDtype
+from project.generate import GenerationSettings
 from project.guide import NOTEBOOK_DIR, build_guide  # imports nbclient/nbconvert only when it runs
-from project.streaming import prepare_corpus  # imports litdata only when it runs
 
 # errors that carry a message meant for the user: printed as one line, exit status 1 (Lightning raises
 # MisconfigurationException for settings it cannot honour)
@@ -41,40 +43,22 @@ def out_of_memory(err: BaseException) -> bool:
     return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
-def generate_command(
-    *,
-    ckpt_path: str,
-    prompt: str = "\n",
-    max_new_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int | None = 200,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop: list[str] | None = None,
-    stream: bool = False,
-    device: str = "cpu",
-) -> None:
+def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: GenerationSettings = GenerationSettings(),
+                     stream: bool = False, device: str = "cpu") -> None:
     """Generate text from a checkpoint and print it (as it is produced with --stream true).
 
     Args:
         ckpt_path: a .ckpt written by `python -m project fit`, a distributed checkpoint folder, or a
             transformers directory written by `python -m project export`.
         prompt: text to continue.
-        max_new_tokens: tokens to generate at most.
-        temperature: 0 = greedy; lower is more conservative.
-        top_k: sample among the k most likely tokens (None = all).
-        top_p: sample within this much probability mass (None = all).
-        seed: fix the random choices for reproducible text.
-        stop: stop at any of these strings.
+        generation: sampling settings (--generation.temperature 0 is greedy).
         stream: print text as it is generated.
         device: torch device, e.g. cpu or cuda.
     """
-    from project.generate import GenerationSettings, stream as stream_text
+    from project.generate import stream as stream_text
 
     loaded = load_model(ckpt_path, device=device)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, seed=seed, stop=stop or [])
-    pieces = stream_text(loaded.model, loaded.tokenizer, prompt, settings)
+    pieces = stream_text(loaded.model, loaded.tokenizer, prompt, generation)
     first = next(pieces, "")  # checks the prompt and settings before anything is printed
     sys.stdout.write(prompt + first)
     for piece in pieces:
@@ -90,7 +74,7 @@ def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = 
 
     `--format hf` (GPT-2 or Llama architecture) loads with AutoModelForCausalLM / AutoTokenizer /
     pipeline("text-generation") and gives the same logits as the checkpoint. `--format gguf` writes
-    model.gguf and an Ollama Modelfile (project/gguf_export.py).
+    model.gguf and an Ollama Modelfile (project/formats/gguf.py).
 
     Args:
         ckpt_path: a .ckpt written by `python -m project fit`, a distributed checkpoint folder, or a directory
@@ -101,8 +85,8 @@ def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = 
         dtype: GGUF weight precision (f32, f16 or q8_0); the hf format is always f32.
         overwrite: replace the files of an existing export.
     """
-    from project.gguf_export import check_gguf_output, export_gguf
-    from project.hf import check_export_target, export_hf, hf_architecture
+    from project.formats.gguf import check_gguf_output, export_gguf
+    from project.formats.hf import check_export_target, export_hf, hf_architecture
 
     if format == "gguf":
         check_gguf_output(out, overwrite)  # fail before loading anything
@@ -152,7 +136,7 @@ def serve_command(
     """
     import uvicorn
 
-    from project.app import API_KEY_ENV, build_server, check_can_listen, is_loopback  # imports gradio when built
+    from project.serve.server import API_KEY_ENV, build_server, check_can_listen, is_loopback  # gradio when built
 
     check_can_listen(host, port)  # a busy port or unknown host: one line, before the model is loaded
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -200,9 +184,11 @@ def evaluate_command(
 
 @functools.wraps(prepare_corpus)
 def prepare_command(**kwargs) -> None:
-    meta = prepare_corpus(**kwargs)
-    print(f"prepared {kwargs['output_dir']}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-          f"({meta['tokenizer']['kind']}, vocabulary {meta['vocab_size']})")
+    from project.tokenizer import tokenizer_from_state
+
+    record = prepare_corpus(**kwargs)
+    counts = ", ".join(f"{tokens:,} {name}" for name, tokens in record.tokens.items())
+    print(f"prepared {kwargs['output_dir']}: {counts} tokens ({tokenizer_from_state(record.tokenizer).describe()})")
 
 
 def guide_command(
@@ -241,7 +227,7 @@ def train_tokenizer_command(*, path: str, out: str, vocab_size: int = 4096) -> N
         out: the folder to create (it holds tokenizer.json); it must not exist.
         vocab_size: tokens in the vocabulary: 256 bytes + end-of-text + merges (257 to 65536).
     """
-    from project.data import train_tokenizer
+    from project.data.corpus import train_tokenizer
 
     tokenizer = train_tokenizer(path, vocab_size, out)
     print(f"trained a byte-level BPE of {tokenizer.vocab_size} tokens on {path} -> {out} "
@@ -251,9 +237,9 @@ def train_tokenizer_command(*, path: str, out: str, vocab_size: int = 4096) -> N
 # the project's own commands, beside LightningCLI's fit/validate/test/predict
 COMMANDS: dict[str, Callable[..., None]] = {
     "generate": generate_command,
-    "export": export_command,  # checkpoint -> transformers directory (project/hf.py) or GGUF (gguf_export.py)
+    "export": export_command,  # checkpoint -> transformers directory (project/formats/hf.py) or GGUF (gguf_export.py)
     "consolidate": consolidate_command,  # DCP folder (ModelParallelStrategy) -> single .ckpt
-    "serve": serve_command,  # Gradio app + OpenAI-compatible /v1 API on one port (project/app.py, openai_api.py)
+    "serve": serve_command,  # Gradio app + OpenAI-compatible /v1 API on one port (project/serve/page.py, openai_api.py)
     "evaluate": evaluate_command,  # lm-evaluation-harness on the model in memory (project/evaluate.py)
     "prepare": prepare_command,  # folder of .txt/.parquet -> litdata token chunks for --data.streaming_dir
     "train-tokenizer": train_tokenizer_command,  # text file -> byte-level BPE folder for --data.tokenizer
@@ -285,9 +271,40 @@ def overview() -> str:
     return "\n".join(lines)
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Log lines as plain text on the console stream named `target` ("stdout" or "stderr"), looked up at each
+    line, so a redirected or captured stream gets them."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self.target)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler sets it; the console stream is looked up instead
+        pass
+
+
+def configure_logging() -> None:
+    """The library's log lines (project.*: resumed from, saved, rebuilt) on stderr, `predict`'s completions on
+    stdout. Library code only logs; the command line decides where lines go."""
+    for name, target in (("project", "stderr"), ("project.completions", "stdout")):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
+            handler = ConsoleHandler(target)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m project` and of the `gpt` script."""
     words = sys.argv[1:] if argv is None else argv
+    configure_logging()
     try:
         if not words or words[0] in ("-h", "--help"):
             print(overview())

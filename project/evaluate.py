@@ -17,7 +17,7 @@ exported and the harness's metrics and task machinery are used as they are. Loca
 Rolling windows. The text is cut into consecutive windows of `block_size` predicted tokens, as the harness's
 Hugging Face model does (context_len 1: each window's first prediction sees the previous window's last token).
 A vocabulary with an end-of-text token conditions the first token on it; a character vocabulary has none, so
-its first character is context only and is not scored. The training's validation set (`ValWindows`) instead
+its first character is context only and is not scored. The training's validation set (`EvalWindows`) instead
 takes non-overlapping windows of block_size + 1 tokens whose first token is context only: a text holding one
 such window is scored exactly alike; over a long text the harness also scores each window's first token
 (with one token of context) and the tail that fills no window.
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 
-from project.generate import generate
+from project.generate import GenerationSettings, completion_text, generate
 from project.model import GPT
 from project.tokenizer import Tokenizer
 
@@ -140,19 +140,12 @@ class HarnessLM(TemplateLM):
         outputs = []
         for context, gen_kwargs in (request.args for request in requests):
             until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(gen_kwargs.get("max_gen_toks", 256))
+            settings = GenerationSettings(max_new_tokens=int(gen_kwargs.get("max_gen_toks", 256)), temperature=0.0,
+                                          stop=[until] if isinstance(until, str) else list(until))
             ids = self.tok_encode(context)[-self.block_size :] or [self.eot_token_id or 0]
             idx = torch.tensor([ids], dtype=torch.long, device=self.model_device)
-            out = generate(self.model, idx, max_new, temperature=0.0, eot_id=self.eot_token_id, stop=until or None,
-                           tokenizer=self.project_tokenizer)
-            new = out[0, len(ids) :].tolist()
-            if self.eot_token_id in new:
-                new = new[: new.index(self.eot_token_id)]
-            text = self.tok_decode(new)
-            for stop in until:
-                text = text.split(stop)[0]
-            outputs.append(text)
+            out = generate(self.model, idx, settings, tokenizer=self.project_tokenizer)
+            outputs.append(completion_text(out[0, len(ids) :].tolist(), self.project_tokenizer, settings))
         return outputs
 
 

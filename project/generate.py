@@ -14,7 +14,7 @@ import codecs
 import copy
 import functools
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -23,44 +23,61 @@ from project.model import GPT
 from project.tokenizer import Tokenizer
 
 
-@dataclass
-class GenerationSettings:
-    """Sampling controls shared by the CLI, predict, the TensorBoard sample callback and the app."""
+class InvalidSetting(ValueError):
+    """A sampling value out of range; `field` names the GenerationSettings field (the API maps it to its param)."""
 
-    max_new_tokens: int = 200  # tokens to generate at most
-    temperature: float = 0.8  # 0 = greedy; <1 sharper, >1 flatter
-    top_k: int | None = 200  # keep the k most likely tokens (None = all)
-    top_p: float | None = None  # keep the smallest set with this much probability mass (None = all)
-    seed: int | None = None  # fixes the sampled text
-    stop: list[str] = field(default_factory=list)  # stop when any of these strings appears in the output
-    stop_at_eot: bool = True  # stop at the end-of-text token, when the vocabulary has one
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 MAX_SEED = 2**64 - 1  # torch generators take seeds from 0 to this
 
 
-def validate_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int,
-                      seed: int | None = None) -> None:
-    """Raise ValueError with the allowed range for any sampling value out of range."""
-    if not temperature >= 0:  # also refuses NaN
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (or None for no limit), got {top_p}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED} (or None for random), got {seed}")
+@dataclass
+class GenerationSettings:
+    """Sampling controls shared by `generate`, `predict`, the TensorBoard samples, the app and the API.
 
+    Checked when made: a value out of range raises InvalidSetting (a ValueError) naming the allowed range.
 
-def validate_stop(stop: list[str] | None) -> None:
-    """An empty stop string would end every generation before its first token: refuse it."""
-    if stop and any(not s for s in stop):
-        raise ValueError(f"stop strings must not be empty (an empty one stops at once), got {stop!r}")
+    Args:
+        max_new_tokens: tokens to generate at most.
+        temperature: 0 = greedy; below 1 sharper, above 1 flatter.
+        top_k: sample among the k most likely tokens (null = all).
+        top_p: sample within the smallest set of tokens with this much probability (null = all).
+        seed: fixes the sampled text (null = random).
+        stop: end the text at the first of these strings (not included).
+        stop_at_eot: end the text at the end-of-text token, when the vocabulary has one.
+    """
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_at_eot: bool = True
+
+    def __post_init__(self) -> None:
+        def whole(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not whole(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise InvalidSetting("max_new_tokens", f"max_new_tokens must be a whole number >= 0, got {self.max_new_tokens}")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
+            raise InvalidSetting("temperature", f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and (not whole(self.top_k) or self.top_k < 1):
+            raise InvalidSetting("top_k", f"top_k must be >= 1 (or None for no limit), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise InvalidSetting("top_p", f"top_p must be in (0, 1] (or None for no limit), got {self.top_p}")
+        if self.seed is not None and (not whole(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise InvalidSetting("seed", f"seed must be a whole number from 0 to {MAX_SEED} (or None for random), "
+                                 f"got {self.seed}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidSetting("stop", f"stop strings must not be empty (an empty one stops at once), got {self.stop!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -133,40 +150,29 @@ def compiled_decode_step(device_type: str) -> Callable[[GPT, torch.Tensor, torch
     return torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
 
 
-def generate_tokens(
-    model: GPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    use_kv_cache: bool = True,
-    compile: bool = False,
-) -> Iterator[torch.Tensor]:
-    """Yield the next token ids (B,) one step at a time. The building block of `generate` and `stream`.
+def generate_tokens(model: GPT, idx: torch.Tensor, settings: GenerationSettings, *, use_kv_cache: bool = True,
+                    compile: bool = False) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B,) one step at a time, up to `settings.max_new_tokens`: the building block of
+    `generate` and `stream` (sampling only: end-of-text and stop strings are theirs).
 
-    `compile` runs each single-token decode step through `compiled_decode_step` (needs the KV cache).
-    Arguments are checked when called (ValueError), before the first token is produced. Close the iterator
-    (or exhaust it) to free the KV cache and restore the model's train/eval mode.
+    `compile` runs each single-token decode step through `compiled_decode_step` (needs the KV cache). The prompt
+    is checked when called (ValueError), before the first token is produced. Close the iterator (or exhaust it)
+    to free the KV cache and restore the model's train/eval mode.
     """
-    validate_sampling(temperature, top_k, top_p, max_new_tokens, seed)
     validate_prompt(idx, model.config.block_size)
     if compile and not use_kv_cache:
         raise ValueError("compile needs the KV cache (its fixed shape is what makes one graph): keep use_kv_cache")
     step = compiled_decode_step(idx.device.type) if compile else decode_step
-    return _generate_tokens(model, idx, max_new_tokens, temperature, top_k, top_p, seed, use_kv_cache, step)
+    return _generate_tokens(model, idx, settings, use_kv_cache, step)
 
 
 @torch.inference_mode()
-def _generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-                     top_p: float | None, seed: int | None, use_kv_cache: bool,
+def _generate_tokens(model: GPT, idx: torch.Tensor, settings: GenerationSettings, use_kv_cache: bool,
                      step: Callable[[GPT, torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
-    block_size = model.config.block_size
+    block_size, max_new_tokens = model.config.block_size, settings.max_new_tokens
     generator = None
-    if seed is not None:
-        generator = torch.Generator(device=idx.device).manual_seed(seed)
+    if settings.seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(settings.seed)
     if max_new_tokens == 0:  # before eval(): nothing runs, so the caller's train/eval mode stays as it was
         return
     was_training = model.training
@@ -193,7 +199,7 @@ def _generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, tempera
                 logits = step(model, seq[:, length - 1 : length], positions[length - 1 : length])
             else:  # the context is full: slide the window, re-reading the last block_size tokens
                 logits = model(seq[:, length - block_size : length], input_pos=positions, last_only=True)
-            next_ids = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            next_ids = sample_next(logits[:, -1, :], settings.temperature, settings.top_k, settings.top_p, generator)
             if length == capacity:  # only reached past the context: keep the last block_size tokens
                 seq[:, :block_size] = seq[:, length - block_size : length].clone()
                 length = block_size
@@ -205,35 +211,22 @@ def _generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, tempera
         model.train(was_training)
 
 
-def generate(
-    model: GPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    use_kv_cache: bool = True,
-    compile: bool = False,
-    eot_id: int | None = None,
-    stop: list[str] | None = None,
-    tokenizer: Tokenizer | None = None,
-) -> torch.Tensor:
-    """The prompt ids (B, T) followed by up to `max_new_tokens` generated ids: (B, T + new).
+def generate(model: GPT, idx: torch.Tensor, settings: GenerationSettings, *, tokenizer: Tokenizer | None = None,
+             use_kv_cache: bool = True, compile: bool = False) -> torch.Tensor:
+    """The prompt ids (B, T) followed by up to `settings.max_new_tokens` generated ids: (B, T + new).
 
-    Generation ends early when every row has produced `eot_id` or one of the `stop` strings (decoded with
-    `tokenizer`); rows that finish first are padded with `eot_id` (or 0) so the batch stays rectangular.
+    With a `tokenizer`, generation ends early once every row has produced its end-of-text token (when
+    `settings.stop_at_eot`) or one of `settings.stop`; rows that finish first are padded with end-of-text (or 0),
+    so the batch stays rectangular. Stop strings need the tokenizer.
     """
-    validate_stop(stop)
-    if stop and tokenizer is None:
+    if settings.stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer to decode the output")
-    steps = generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, use_kv_cache=use_kv_cache, compile=compile)
+    eot_id = tokenizer.eot_id if tokenizer is not None and settings.stop_at_eot else None
+    steps = generate_tokens(model, idx, settings, use_kv_cache=use_kv_cache, compile=compile)
     pad = eot_id if eot_id is not None else 0
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     new: list[torch.Tensor] = []
-    check_done = eot_id is not None or bool(stop)  # else no per-step .all() sync: run to max_new_tokens
+    check_done = eot_id is not None or bool(settings.stop)  # else no per-step .all() sync: run to the end
     try:
         for next_ids in steps:
             if check_done:
@@ -241,9 +234,9 @@ def generate(
             new.append(next_ids)
             if eot_id is not None:
                 done |= next_ids == eot_id
-            if stop:
+            if settings.stop:
                 text_rows = [tokenizer.decode(row.tolist()) for row in torch.stack(new, dim=1)]
-                done |= torch.tensor([any(s in text for s in stop) for text in text_rows], device=idx.device)
+                done |= torch.tensor([any(s in text for s in settings.stop) for text in text_rows], device=idx.device)
             if check_done and bool(done.all()):
                 break
     finally:
@@ -253,47 +246,17 @@ def generate(
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
 
 
-def stream(
-    model: GPT,
-    tokenizer: Tokenizer,
-    prompt: str,
-    settings: GenerationSettings | None = None,
-    *,
-    use_kv_cache: bool = True,
-    compile: bool = False,
-) -> Iterator[str]:
-    """Yield the completion of `prompt` as text, piece by piece, as tokens are sampled.
+def text_pieces(tokens: Iterable[int], tokenizer: Tokenizer, settings: GenerationSettings) -> Iterator[str]:
+    """The text of generated `tokens`, piece by piece, ended at end-of-text (when `settings.stop_at_eot`) and
+    cut before the first stop string: the one place where a completion's text is made.
 
-    Bytes of BPE tokens are decoded incrementally, so a multi-byte character split across tokens is
-    emitted whole once complete. Text that might be the start of a stop string is held back until known.
+    Bytes are decoded incrementally, so a multi-byte character split across BPE tokens comes out whole once
+    complete; text that might be the start of a stop string is held back until known.
     """
-    settings = settings or GenerationSettings()
-    validate_stop(settings.stop)
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise ValueError("prompt is empty: give at least one character")
-    device = next(model.parameters()).device
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    # checked now, when called, so a bad value fails before any text is printed
-    steps = generate_tokens(model, idx, settings.max_new_tokens, temperature=settings.temperature,
-                            top_k=settings.top_k, top_p=settings.top_p, seed=settings.seed, use_kv_cache=use_kv_cache,
-                            compile=compile)
-    return _stream_text(steps, tokenizer, settings)
-
-
-def _stream_text(steps: Iterator[torch.Tensor], tokenizer: Tokenizer, settings: GenerationSettings) -> Iterator[str]:
-    try:
-        yield from _pieces(steps, tokenizer, settings)
-    finally:  # however the consumer stops, free the cache and restore the model's mode now
-        steps.close()
-
-
-def _pieces(steps: Iterator[torch.Tensor], tokenizer: Tokenizer, settings: GenerationSettings) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     holdback = max((len(s) for s in settings.stop), default=1) - 1
     text, emitted = "", 0
-    for next_ids in steps:
-        token = int(next_ids[0])
+    for token in tokens:
         if settings.stop_at_eot and token == tokenizer.eot_id:
             break
         text += decoder.decode(tokenizer.decode_bytes([token]))
@@ -311,29 +274,49 @@ def _pieces(steps: Iterator[torch.Tensor], tokenizer: Tokenizer, settings: Gener
         yield text[emitted:]
 
 
+def completion_text(tokens: Iterable[int], tokenizer: Tokenizer, settings: GenerationSettings) -> str:
+    """The whole text of generated `tokens` (see `text_pieces`)."""
+    return "".join(text_pieces(tokens, tokenizer, settings))
+
+
+def encode_prompt(model: GPT, tokenizer: Tokenizer, prompt: str) -> torch.Tensor:
+    """A prompt's token ids as a (1, T) batch on the model's device; ValueError for an empty prompt."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("prompt is empty: give at least one character")
+    return torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+
+
+def stream(model: GPT, tokenizer: Tokenizer, prompt: str, settings: GenerationSettings | None = None, *,
+           use_kv_cache: bool = True, compile: bool = False) -> Iterator[str]:
+    """Yield the completion of `prompt` as text, piece by piece, as tokens are sampled (see `text_pieces`).
+
+    The prompt is checked when called, so a bad one fails before any text is printed.
+    """
+    settings = settings or GenerationSettings()
+    steps = generate_tokens(model, encode_prompt(model, tokenizer, prompt), settings, use_kv_cache=use_kv_cache,
+                            compile=compile)
+    return _stream_text(steps, tokenizer, settings)
+
+
+def _stream_text(steps: Iterator[torch.Tensor], tokenizer: Tokenizer, settings: GenerationSettings) -> Iterator[str]:
+    try:
+        yield from text_pieces((int(ids[0]) for ids in steps), tokenizer, settings)
+    finally:  # however the consumer stops, free the cache and restore the model's mode now
+        steps.close()
+
+
 def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], settings: GenerationSettings) -> list[str]:
     """Completions of several prompts (batched when they have the same token length), trimmed at stops."""
-    device = next(model.parameters()).device
-    encoded = [tokenizer.encode(p) for p in prompts]
-    if any(not ids for ids in encoded):
-        raise ValueError("prompt is empty: give at least one character")
-    eot_id = tokenizer.eot_id if settings.stop_at_eot else None
+    encoded = [encode_prompt(model, tokenizer, p) for p in prompts]
     completions: dict[int, str] = {}
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
-        by_length.setdefault(len(ids), []).append(i)
+        by_length.setdefault(ids.size(1), []).append(i)
     for length, rows in by_length.items():
-        idx = torch.tensor([encoded[i] for i in rows], dtype=torch.long, device=device)
-        out = generate(model, idx, settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
-                       top_p=settings.top_p, seed=settings.seed, eot_id=eot_id, stop=settings.stop or None,
-                       tokenizer=tokenizer)
+        out = generate(model, torch.cat([encoded[i] for i in rows]), settings, tokenizer=tokenizer)
         for i, row in zip(rows, out[:, length:].tolist()):
-            if eot_id is not None and eot_id in row:
-                row = row[: row.index(eot_id)]
-            text = tokenizer.decode(row)
-            for s in settings.stop:
-                text = text.split(s)[0]
-            completions[i] = text
+            completions[i] = completion_text(row, tokenizer, settings)
     return [completions[i] for i in range(len(prompts))]
 
 

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from project.files import atomic_path
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
 BOOK_TITLE = "Build a Large Language Model from Scratch"
@@ -298,6 +300,7 @@ def build_guide(out: Path, notebook_dir: Path = NOTEBOOK_DIR, names: list[str] |
         writer.set_page_label(front_pages, len(writer.pages) - 1, style=PageLabelStyle.DECIMAL, start=1)
         writer.add_metadata({"/Title": BOOK_TITLE})
         writer.page_mode = "/UseOutlines"
-        writer.write(out)
+        with atomic_path(out) as staging:  # a failure never leaves half a PDF
+            writer.write(staging)
         render_seconds += time.perf_counter() - started
     return GuideReport(out, front_pages + next_page - 1, chapters, execute_seconds, render_seconds)

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -273,6 +274,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.decode_head: torch.Tensor | None = None  # inference-only copy of the head, see prepare_decode_head
+        self.activation_checkpointing = False  # recompute each block in backward instead of storing its activations
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -313,7 +315,10 @@ class GPT(nn.Module):
             rope = (self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype))
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, input_pos)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rope, input_pos, use_reentrant=False)
+            else:
+                x = block(x, rope, input_pos)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)

@@ -1,4 +1,5 @@
-"""Shared test setup: offline data from ../shared/data, tiny model configs, a trained tiny checkpoint."""
+"""Shared test setup: offline data from ../shared/data, tiny models and recipes, a trained tiny checkpoint, running
+the command line, reading TensorBoard scalars. Test files define no helper that another test file needs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PROJECT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -28,6 +31,36 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # for a newer release whenever a StreamingDataset is built, and has no switch; loopback servers stay reachable.)
 os.environ.setdefault("HTTPS_PROXY", "http://127.0.0.1:9")
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost,::1")
+
+
+# the two exportable recipes, as GPTConfig options
+GPT2_STYLE = dict(positions="learned", norm="layernorm", mlp="gelu", bias=True)
+LLAMA_STYLE = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+
+
+def tiny_gpt(vocab_size: int = 50, seed: int = 0, *, spread: float | None = None, **config):
+    """A small GPT in eval mode: 2 layers, 4 heads, 32 wide, a 16-token context unless `config` says otherwise.
+
+    With `spread`, every weight is redrawn from N(0, spread) (norm gains around 1), so logits differ clearly from
+    token to token and any slip in a weight mapping shows in the outputs.
+    """
+    from project.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=vocab_size, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    model = GPT(GPTConfig(**{**sizes, **config}))
+    if spread is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, spread)
+    return model.eval()
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    """Every TensorBoard scalar a run folder holds, by tag."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +126,19 @@ def trained_run(tmp_path_factory, shakespeare_path: Path) -> dict:
     run_dir = root / "runs" / "gpt" / "version_0"
     return {"root": root, "run_dir": run_dir, "ckpt": run_dir / "checkpoints" / "last.ckpt", "stdout": result.stdout,
             "stderr": result.stderr}
+
+
+@pytest.fixture(scope="session")
+def loaded(trained_run):
+    """The trained tiny checkpoint, loaded for inference."""
+    from project.formats.checkpoint import load_model
+
+    return load_model(trained_run["ckpt"])
+
+
+@pytest.fixture(scope="session")
+def chars(shakespeare_path: Path):
+    """TinyShakespeare's 65-character vocabulary."""
+    from project.tokenizer import CharTokenizer
+
+    return CharTokenizer.from_text(shakespeare_path.read_text())

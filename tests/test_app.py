@@ -1,4 +1,4 @@
-"""The Gradio app (project/app.py): its handlers directly, the running server through gradio_client, and the
+"""The Gradio app (project/serve/page.py): its handlers directly, the running server through gradio_client, and the
 page in a real headless Chromium."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from conftest import DEBUG_CONFIG, REPO, free_port, run_cli
 gr = pytest.importorskip("gradio")
 pytest.importorskip("matplotlib")
 
-from project.app import App, build_app, model_card  # noqa: E402
-from project.checkpoint import load_model  # noqa: E402
+from project.serve.page import App, build_app, model_card  # noqa: E402
+from project.formats.checkpoint import load_model  # noqa: E402
 from project.generate import request_model  # noqa: E402
 from project.commands import serve_command  # noqa: E402
 from project.generate import GenerationSettings, stream  # noqa: E402
@@ -31,11 +31,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 GEN_ARGS = dict(max_new_tokens=24, temperature=0.8, top_k=20, top_p=0.95)
 MODEL = DEBUG_CONFIG["model"]["config"]  # the trained_run checkpoint's architecture
 TOO_LONG = "ROMEO: " * (MODEL["block_size"] // 7 + 1)  # a character per token: over the context, under 200 chars
-
-
-@pytest.fixture(scope="module")
-def loaded(trained_run):
-    return load_model(trained_run["ckpt"])
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +65,8 @@ def test_generate_streams_and_concatenates(handlers, loaded):
 
 @pytest.mark.parametrize("prompt, overrides, message", [
     ("", {}, "prompt is empty"),
-    ("ROMEO:", {"temperature": -0.5}, "temperature must be >= 0"),
+    ("ROMEO:", {"temperature": -0.5}, "temperature must be a number >= 0"),
+    ("ROMEO:", {"seed": 2**64}, "seed must be a whole number from 0 to"),
     ("ROMEO:", {"top_p": 1.5}, "top_p must be in (0, 1]"),
     ("ROMEO:", {"top_p": 0.0}, "top_p must be in (0, 1]"),
     ("ROMEO:", {"top_k": -3}, "top-k must be"),
@@ -142,7 +138,7 @@ def test_model_card_describes_the_checkpoint(loaded):
 
 def test_exported_transformers_directory_serves_the_same_text(loaded, handlers, tmp_path):
     pytest.importorskip("transformers")
-    from project.hf import export_hf
+    from project.formats.hf import export_hf
 
     out = export_hf(loaded.model, loaded.tokenizer, tmp_path / "hf")
     exported = load_model(out)

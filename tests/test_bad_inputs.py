@@ -246,12 +246,13 @@ CASES = [
     bad("devices-negative", [*FIT, "--trainer.devices", "-3"], "--trainer.devices"),
     bad("max_steps-negative", [*FIT, "--trainer.max_steps", "-5"], "--trainer.max_steps"),
     bad("accumulate-zero", [*FIT, "--trainer.accumulate_grad_batches", "0"], "--trainer.accumulate_grad_batches"),
-    bad("learning_rate-negative", [*FIT, "--model.learning_rate", "-0.001"], "--model.learning_rate"),
-    bad("learning_rate-nan", [*FIT, "--model.learning_rate", "nan"], "model.learning_rate"),
-    bad("warmup-negative", [*FIT, "--model.warmup_steps", "-10"], "--model.warmup_steps"),
+    bad("learning_rate-negative", [*FIT, "--model.optimizer.learning_rate", "-0.001"],
+        "--model.optimizer.learning_rate"),
+    bad("learning_rate-nan", [*FIT, "--model.optimizer.learning_rate", "nan"], "model.optimizer.learning_rate"),
+    bad("warmup-negative", [*FIT, "--model.optimizer.warmup_steps", "-10"], "--model.optimizer.warmup_steps"),
     bad("batch_size-zero", [*FIT, "--data.batch_size", "0"], "--data.batch_size"),
     bad("max_val_windows-zero", [*FIT, "--data.max_val_windows", "0"], "--data.max_val_windows"),
-    bad("val_fraction-one", [*FIT, "--data.val_fraction", "1"], "val_fraction must be in (0, 1)"),
+    bad("val_fraction-one", [*FIT, "--data.split.val_fraction", "1"], "val_fraction must be in (0, 1)"),
     bad("num_workers-negative", [*FIT, "--data.num_workers", "-1"], "--data.num_workers"),
     bad("config-missing", ["fit", "--config", "{case}/nope.yaml"], "nope.yaml"),
     bad("config-bad-yaml", ["fit", "--config", "{bad_yaml}"], "Problems parsing config"),
@@ -302,9 +303,10 @@ CASES = [
     bad("resume-other-architecture", [*FIT, "--ckpt_path", "{ckpt}", "--model.config.n_embd", "64"],
         "different architecture"),
     bad("resume-other-tokenizer", [*FIT, "--ckpt_path", "{ckpt}", "--data.tokenizer", "gpt2"], "--data.tokenizer"),
-    bad("resume-other-learning_rate", [*FIT, "--ckpt_path", "{ckpt}", "--model.learning_rate", "0.01"],
-        "--model.learning_rate"),
-    bad("resume-other-warmup", [*FIT, "--ckpt_path", "{ckpt}", "--model.warmup_steps", "50"], "--model.warmup_steps"),
+    bad("resume-other-learning_rate", [*FIT, "--ckpt_path", "{ckpt}", "--model.optimizer.learning_rate", "0.01"],
+        "--model.optimizer.learning_rate"),
+    bad("resume-other-warmup", [*FIT, "--ckpt_path", "{ckpt}", "--model.optimizer.warmup_steps", "50"],
+        "--model.optimizer.warmup_steps"),
     bad("resume-vocab-mismatch", [*FIT, "--ckpt_path", "{vocab_ckpt}"], "does not match"),
     bad("resume-last-missing", [*FIT, "--ckpt_path", "last"], "no last.ckpt"),
     bad("resume-from-url", [*FIT, "--ckpt_path", "https://127.0.0.1:9/last.ckpt"], "URL"),
@@ -333,15 +335,15 @@ CASES = [
     bad("prompt-empty", [*GENERATE, "{ckpt}", "--prompt", ""], "prompt"),
     bad("prompt-too-long", [*GENERATE, "{ckpt}", "--prompt", "x" * 40], "shorten the prompt"),
     bad("prompt-unknown-character", [*GENERATE, "{ckpt}", "--prompt", "ROMEO 🙂"], "not in this model's vocabulary"),
-    bad("temperature-negative", [*GENERATE, "{ckpt}", "--temperature", "-1"], "temperature must be >= 0"),
-    bad("temperature-nan", [*GENERATE, "{ckpt}", "--temperature", "nan"], "temperature"),
-    bad("top_p-above-one", [*GENERATE, "{ckpt}", "--top_p", "1.5"], "top_p must be in (0, 1]"),
-    bad("top_p-zero", [*GENERATE, "{ckpt}", "--top_p", "0"], "top_p must be in (0, 1]"),
-    bad("top_k-zero", [*GENERATE, "{ckpt}", "--top_k", "0"], "top_k must be >= 1"),
-    bad("max_new_tokens-negative", [*GENERATE, "{ckpt}", "--max_new_tokens", "-1"], "max_new_tokens must be >= 0"),
-    bad("max_new_tokens-not-a-number", [*GENERATE, "{ckpt}", "--max_new_tokens", "many"], "max_new_tokens"),
-    bad("seed-overflow", [*GENERATE, "{ckpt}", "--seed", str(10**30)], "seed must be"),
-    bad("stop-empty-string", [*GENERATE, "{ckpt}", "--stop", '[""]'], "stop"),
+    bad("temperature-negative", [*GENERATE, "{ckpt}", "--generation.temperature", "-1"], "temperature must be a number >= 0"),
+    bad("temperature-nan", [*GENERATE, "{ckpt}", "--generation.temperature", "nan"], "temperature"),
+    bad("top_p-above-one", [*GENERATE, "{ckpt}", "--generation.top_p", "1.5"], "top_p must be in (0, 1]"),
+    bad("top_p-zero", [*GENERATE, "{ckpt}", "--generation.top_p", "0"], "top_p must be in (0, 1]"),
+    bad("top_k-zero", [*GENERATE, "{ckpt}", "--generation.top_k", "0"], "top_k must be >= 1"),
+    bad("max_new_tokens-negative", [*GENERATE, "{ckpt}", "--generation.max_new_tokens", "-1"], "max_new_tokens must be a whole number >= 0"),
+    bad("max_new_tokens-not-a-number", [*GENERATE, "{ckpt}", "--generation.max_new_tokens", "many"], "max_new_tokens"),
+    bad("seed-overflow", [*GENERATE, "{ckpt}", "--generation.seed", str(10**30)], "seed must be"),
+    bad("stop-empty-string", [*GENERATE, "{ckpt}", "--generation.stop", '[""]'], "stop"),
     bad("generate-unknown-flag", [*GENERATE, "{ckpt}", "--temprature", "0"], "temprature"),
     bad("device-cuda", [*GENERATE, "{ckpt}", "--device", "cuda"], "--device cpu", cli=True, marks=NO_CUDA),
     bad("device-unknown", [*GENERATE, "{ckpt}", "--device", "foo"], "--device"),
@@ -368,8 +370,8 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 def exported_dir(trained_run, tmp_path_factory) -> Path:
     """The trained tiny checkpoint exported once as a transformers folder."""
     pytest.importorskip("transformers")
-    from project.checkpoint import load_checkpoint
-    from project.hf import export_hf
+    from project.formats.checkpoint import load_checkpoint
+    from project.formats.hf import export_hf
 
     loaded = load_checkpoint(trained_run["ckpt"])
     return export_hf(loaded.model, loaded.tokenizer, tmp_path_factory.mktemp("exported") / "hf")
@@ -421,7 +423,7 @@ def test_the_table_is_large_and_names_every_command():
 
 def test_a_genuine_distributed_checkpoint_loads_and_consolidates(trained_run, tmp_path, capsys):
     """The safe reader refuses hostile folders, not real ones: a DCP folder gives the same model as its .ckpt."""
-    from project.checkpoint import load_checkpoint
+    from project.formats.checkpoint import load_checkpoint
 
     folder = tmp_path / "dcp"
     save_distributed(folder, torch.load(trained_run["ckpt"], map_location="cpu", weights_only=True))
@@ -436,7 +438,7 @@ def test_a_genuine_distributed_checkpoint_loads_and_consolidates(trained_run, tm
 
 def test_huge_max_new_tokens_streams_without_reserving_memory_for_it(trained_run):
     """Tokens are produced one at a time; nothing proportional to max_new_tokens is allocated up front."""
-    from project.checkpoint import load_checkpoint
+    from project.formats.checkpoint import load_checkpoint
     from project.generate import GenerationSettings, stream
 
     loaded = load_checkpoint(trained_run["ckpt"])

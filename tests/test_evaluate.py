@@ -15,24 +15,19 @@ pytest.importorskip("lm_eval")
 
 from lightning.pytorch import Trainer  # noqa: E402
 
-from project.checkpoint import load_model, read_checkpoint  # noqa: E402
-from project.data import TextDataModule  # noqa: E402
+from project.data.corpus import Split  # noqa: E402
+from project.data.datamodule import TextDataModule  # noqa: E402
+from project.formats.checkpoint import load_model, read_checkpoint  # noqa: E402
 from project.evaluate import HarnessLM, check_hub_reachable, evaluate, read_choices, read_text  # noqa: E402
-from project.module import VAL_BPB, GPTModule  # noqa: E402
+from project.training.module import VAL_BPB, GPTModule  # noqa: E402
 
-VAL_FRACTION = 0.1  # TextDataModule's default split, which the tiny checkpoint was trained with
-
-
-@pytest.fixture(scope="module")
-def loaded(trained_run):
-    return load_model(trained_run["ckpt"])
 
 
 @pytest.fixture(scope="module")
 def val_bpb(trained_run) -> float:
     """GPTModule's own val/bpb over every non-overlapping validation window (the training capped them at 32)."""
     data = TextDataModule(data_dir=str(trained_run["root"] / "data"), tokenizer="char", block_size=32, batch_size=256,
-                          val_fraction=VAL_FRACTION, max_val_windows=None)
+                          max_val_windows=None)
     module = GPTModule(config=read_checkpoint(trained_run["ckpt"])["hyper_parameters"]["config"])
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False)
@@ -43,7 +38,7 @@ def val_bpb(trained_run) -> float:
 def test_bits_per_byte_agrees_with_val_bpb(loaded, val_bpb, shakespeare_path, tmp_path):
     """The harness scores each validation window exactly as val/bpb does; over the whole split only windowing differs.
 
-    TinyShakespeare is ASCII, so a byte is a character is a token. `ValWindows` cuts the n validation characters
+    TinyShakespeare is ASCII, so a byte is a character is a token. `EvalWindows` cuts the n validation characters
     into W = n // (B + 1) non-overlapping windows of B + 1 (block_size B), the first character of each being
     context only: val/bpb averages W * B scored characters. Given one window as its own text, the harness's
     rolling log-likelihood scores the same B characters with the same contexts. Given the whole split as one text,
@@ -51,7 +46,7 @@ def test_bits_per_byte_agrees_with_val_bpb(loaded, val_bpb, shakespeare_path, tm
     of context) and the tail that fills no window, and divides by all n bytes.
     """
     text = shakespeare_path.read_text(encoding="utf-8")
-    val = text[int(len(text) * (1 - VAL_FRACTION)) :]
+    val = Split().cut(text)["val"]  # the split the training validated on (the default)
     block = loaded.model.config.block_size
     count = len(val) // (block + 1)
     windows = [val[i * (block + 1) : (i + 1) * (block + 1)] for i in range(count)]

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, run_cli
+from conftest import GPT2_STYLE, LLAMA_STYLE, REPO, run_cli, tiny_gpt
 from project.generate import (
     GenerationSettings,
+    InvalidSetting,
     complete_batch,
     generate,
     sample_next,
@@ -25,21 +26,24 @@ from project.generate import (
 from project.model import GPT, GPTConfig
 from project.tokenizer import CharTokenizer, TiktokenTokenizer
 
-CONFIGS = {
-    "gpt2": dict(),
-    "llama": dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False),
-}
+CONFIGS = {"gpt2": GPT2_STYLE, "llama": dict(LLAMA_STYLE, n_kv_head=2)}
 
 
-def tiny_gpt(kind: str, block_size: int = 16, vocab_size: int = 50, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=4, n_embd=32,
-                       **CONFIGS[kind])
-    model = GPT(config)
-    with torch.no_grad():  # larger weights than the 0.02 init, so logits differ clearly between tokens
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
+def sampling(max_new_tokens: int, **kwargs) -> GenerationSettings:
+    """Settings as generate's old keyword defaults: plain sampling (temperature 1, no top-k) unless given."""
+    return GenerationSettings(max_new_tokens=max_new_tokens, **{"temperature": 1.0, "top_k": None, **kwargs})
+
+
+class Eot:
+    """Just an end-of-text id, for the scripted model (generate reads it from the tokenizer)."""
+
+    def __init__(self, eot_id: int) -> None:
+        self.eot_id = eot_id
+
+
+def tiny_model(kind: str, vocab_size: int = 50) -> GPT:
+    """A tiny GPT-2- or Llama-style model (grouped-query attention) whose logits differ clearly between tokens."""
+    return tiny_gpt(vocab_size, spread=0.3, **CONFIGS[kind])
 
 
 class ScriptedModel(nn.Module):
@@ -82,7 +86,7 @@ class ScriptedModel(nn.Module):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("prompt_len", [1, 5, 15])  # 15 = block_size - 1
 def test_cached_logits_match_full_forward(kind, prompt_len):
-    model = tiny_gpt(kind)
+    model = tiny_model(kind)
     block = model.config.block_size
     idx = torch.randint(0, model.config.vocab_size, (3, block))
     with torch.no_grad():
@@ -101,7 +105,7 @@ def test_cached_logits_match_full_forward(kind, prompt_len):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_cached_last_logits_only(kind):
-    model = tiny_gpt(kind)
+    model = tiny_model(kind)
     idx = torch.randint(0, model.config.vocab_size, (2, 7))
     with torch.no_grad():
         full = model(idx)
@@ -116,12 +120,12 @@ def test_cached_last_logits_only(kind):
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("prompt_len", [1, 6, 16])
 def test_greedy_same_with_and_without_cache_past_block_size(kind, prompt_len):
-    model = tiny_gpt(kind)
+    model = tiny_model(kind)
     block = model.config.block_size
     idx = torch.randint(0, model.config.vocab_size, (2, prompt_len))
     new = 2 * block + 3  # the window slides well past the context
-    cached = generate(model, idx, new, temperature=0.0, use_kv_cache=True)
-    uncached = generate(model, idx, new, temperature=0.0, use_kv_cache=False)
+    cached = generate(model, idx, sampling(new, temperature=0.0), use_kv_cache=True)
+    uncached = generate(model, idx, sampling(new, temperature=0.0), use_kv_cache=False)
     assert cached.shape == (2, prompt_len + new)
     assert torch.equal(cached[:, :prompt_len], idx)
     assert torch.equal(cached, uncached)
@@ -134,7 +138,7 @@ def test_compiled_decode_step_matches_eager_decoding(kind):
     (also once the window slides past block_size), and top-k sampling identical for the same seed."""
     from project.generate import compiled_decode_step
 
-    model = tiny_gpt(kind)
+    model = tiny_model(kind)
     block = model.config.block_size
     step = compiled_decode_step("cpu")
     idx = torch.randint(0, model.config.vocab_size, (2, block))
@@ -149,12 +153,13 @@ def test_compiled_decode_step_matches_eager_decoding(kind):
         finally:
             model.clear_kv_cache()
     prompt = idx[:, :4]
-    eager = generate(model, prompt, 2 * block, temperature=0.0)
-    assert torch.equal(generate(model, prompt, 2 * block, temperature=0.0, compile=True), eager)
+    eager = generate(model, prompt, sampling(2 * block, temperature=0.0))
+    assert torch.equal(generate(model, prompt, sampling(2 * block, temperature=0.0), compile=True), eager)
     sampled = dict(temperature=1.0, top_k=10, seed=3)
-    assert torch.equal(generate(model, prompt, block, compile=True, **sampled), generate(model, prompt, block, **sampled))
+    assert torch.equal(generate(model, prompt, sampling(block, **sampled), compile=True),
+                       generate(model, prompt, sampling(block, **sampled)))
     with pytest.raises(ValueError, match="compile needs the KV cache"):
-        generate(model, prompt, 2, compile=True, use_kv_cache=False)
+        generate(model, prompt, sampling(2), compile=True, use_kv_cache=False)
 
 
 # --- sampling filters ------------------------------------------------------------------------------
@@ -230,12 +235,12 @@ def test_sample_next_draws_from_the_filtered_distribution():
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_temperature_zero_and_top_k_one_equal_greedy(kind):
-    model = tiny_gpt(kind)
+    model = tiny_model(kind)
     idx = torch.randint(0, model.config.vocab_size, (2, 4))
-    greedy = generate(model, idx, 20, temperature=0.0)
-    assert torch.equal(generate(model, idx, 20, temperature=0.0, top_k=50, top_p=0.5, seed=3), greedy)
-    assert torch.equal(generate(model, idx, 20, temperature=1.3, top_k=1, seed=3), greedy)
-    assert torch.equal(generate(model, idx, 20, temperature=1.3, top_p=1e-9, seed=3), greedy)
+    greedy = generate(model, idx, sampling(20, temperature=0.0))
+    assert torch.equal(generate(model, idx, sampling(20, temperature=0.0, top_k=50, top_p=0.5, seed=3)), greedy)
+    assert torch.equal(generate(model, idx, sampling(20, temperature=1.3, top_k=1, seed=3)), greedy)
+    assert torch.equal(generate(model, idx, sampling(20, temperature=1.3, top_p=1e-9, seed=3)), greedy)
     # greedy is the argmax of the full forward at every step
     seq = idx
     for _ in range(5):
@@ -245,21 +250,20 @@ def test_temperature_zero_and_top_k_one_equal_greedy(kind):
 
 @pytest.mark.parametrize("use_kv_cache", [True, False])
 def test_seed_fixes_the_sample(use_kv_cache):
-    model = tiny_gpt("gpt2")
+    model = tiny_model("gpt2")
     idx = torch.randint(0, model.config.vocab_size, (2, 3))
-    kwargs = dict(temperature=1.0, use_kv_cache=use_kv_cache)
-    a = generate(model, idx, 30, seed=1, **kwargs)
-    assert torch.equal(a, generate(model, idx, 30, seed=1, **kwargs))
-    assert not torch.equal(a, generate(model, idx, 30, seed=2, **kwargs))
+    a = generate(model, idx, sampling(30, seed=1), use_kv_cache=use_kv_cache)
+    assert torch.equal(a, generate(model, idx, sampling(30, seed=1), use_kv_cache=use_kv_cache))
+    assert not torch.equal(a, generate(model, idx, sampling(30, seed=2), use_kv_cache=use_kv_cache))
     torch.manual_seed(123)  # the seed is local: the global RNG state does not matter
-    assert torch.equal(a, generate(model, idx, 30, seed=1, **kwargs))
+    assert torch.equal(a, generate(model, idx, sampling(30, seed=1), use_kv_cache=use_kv_cache))
     # cache and no cache give the same sample for the same seed
-    other = generate(model, idx, 30, seed=1, temperature=1.0, use_kv_cache=not use_kv_cache)
+    other = generate(model, idx, sampling(30, seed=1, temperature=1.0), use_kv_cache=not use_kv_cache)
     assert torch.equal(a, other)
 
 
 def test_seed_fixes_the_streamed_text():
-    model = tiny_gpt("gpt2", vocab_size=27)
+    model = tiny_model("gpt2", vocab_size=27)
     tok = CharTokenizer("\nabcdefghijklmnopqrstuvwxyz")
     settings = lambda seed: GenerationSettings(max_new_tokens=30, temperature=1.0, top_k=None, seed=seed)  # noqa: E731
     a = "".join(stream(model, tok, "abc", settings(1)))
@@ -271,30 +275,29 @@ def test_seed_fixes_the_streamed_text():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(temperature=-0.1), "temperature must be a number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a number >= 0"),
+    (dict(seed=2**64), "seed must be a whole number from 0 to"),
+    (dict(stop=["ok", ""]), "stop strings must not be empty"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(top_k=0), "top_k must be >= 1"),
-    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be a whole number >= 0"),
 ])
 def test_invalid_sampling_values_raise(kwargs, message):
-    model = tiny_gpt("gpt2")
-    idx = torch.zeros(1, 2, dtype=torch.long)
-    max_new = kwargs.pop("max_new_tokens", 5)
-    with pytest.raises(ValueError, match=message):
-        generate(model, idx, max_new, **kwargs)
-    settings = GenerationSettings(max_new_tokens=max_new, **kwargs)
-    with pytest.raises(ValueError, match=message):  # raised when called, before any text is produced
-        stream(model, CharTokenizer("abc"), "ab", settings)
+    """GenerationSettings checks itself when made, so nothing can sample with a value out of range."""
+    with pytest.raises(InvalidSetting, match=message) as refused:
+        GenerationSettings(**kwargs)
+    assert refused.value.field == next(iter(kwargs))  # the API answers with this field's param
 
 
 def test_invalid_prompts_raise():
-    model = tiny_gpt("gpt2")
+    model = tiny_model("gpt2")
     block = model.config.block_size
     with pytest.raises(ValueError, match="prompt must be a non-empty"):
-        generate(model, torch.zeros(1, 0, dtype=torch.long), 5)
+        generate(model, torch.zeros(1, 0, dtype=torch.long), sampling(5))
     with pytest.raises(ValueError, match=f"prompt has {block + 1} tokens but the model's context is {block}"):
-        generate(model, torch.zeros(1, block + 1, dtype=torch.long), 5)
+        generate(model, torch.zeros(1, block + 1, dtype=torch.long), sampling(5))
     tok = CharTokenizer("abc")
     with pytest.raises(ValueError, match="prompt is empty"):
         stream(model, tok, "", GenerationSettings())
@@ -303,7 +306,7 @@ def test_invalid_prompts_raise():
     with pytest.raises(ValueError, match="context is 16"):
         stream(model, tok, "a" * (block + 1), GenerationSettings())
     with pytest.raises(ValueError, match="stop strings need the tokenizer"):
-        generate(model, torch.zeros(1, 2, dtype=torch.long), 5, stop=["x"])
+        generate(model, torch.zeros(1, 2, dtype=torch.long), sampling(5, stop=["x"]))
 
 
 # --- stopping --------------------------------------------------------------------------------------
@@ -315,10 +318,10 @@ def test_eot_ends_generation_and_pads_finished_rows():
     model = ScriptedModel([[1, 2, EOT, 3, 4, 5], [1, 2, 3, 4, EOT, 5]], prompt_len=2, vocab_size=10)
     idx = torch.tensor([[7, 7], [8, 8]])
     for use_kv_cache in (True, False):
-        out = generate(model, idx, 20, temperature=0.0, eot_id=EOT, use_kv_cache=use_kv_cache)
+        out = generate(model, idx, sampling(20, temperature=0.0), tokenizer=Eot(EOT), use_kv_cache=use_kv_cache)
         assert out.tolist() == [[7, 7, 1, 2, EOT, EOT, EOT], [8, 8, 1, 2, 3, 4, EOT]]
     # without eot_id the script just runs to max_new_tokens
-    assert generate(model, idx, 8, temperature=0.0).shape == (2, 10)
+    assert generate(model, idx, sampling(8, temperature=0.0)).shape == (2, 10)
     assert not model.cached
 
 
@@ -326,7 +329,7 @@ def test_stop_strings_end_generation():
     tok = CharTokenizer("\n abcdefghijklmnopqrstuvwxyz")
     script = [tok.encode("hello world and more"), tok.encode("hi\nthere world x")]
     model = ScriptedModel(script, prompt_len=1, vocab_size=tok.vocab_size)
-    out = generate(model, torch.tensor(tok.encode("ab")).view(2, 1), 30, temperature=0.0, stop=["world"],
+    out = generate(model, torch.tensor(tok.encode("ab")).view(2, 1), sampling(30, temperature=0.0, stop=["world"]),
                    tokenizer=tok)
     texts = [tok.decode(row) for row in out[:, 1:].tolist()]
     assert texts[0].startswith("hello world") and texts[1].startswith("hi\nthere world")
@@ -367,7 +370,7 @@ def test_stream_multibyte_characters_split_across_bpe_tokens():
             assert piece and "\ufffd" not in piece
             assert piece.encode("utf-8").decode("utf-8") == piece
     assert complete_batch(model, tok, ["A"], settings) == [TEXT]
-    out = generate(model, torch.tensor([tok.encode("A")]), len(ids) + 5, temperature=0.0, eot_id=tok.eot_id)
+    out = generate(model, torch.tensor([tok.encode("A")]), sampling(len(ids) + 5, temperature=0.0), tokenizer=tok)
     assert tok.decode(out[0, 1:-1].tolist()) == TEXT and out[0, -1] == tok.eot_id
 
 
@@ -380,7 +383,7 @@ def _invalid_utf8(data: bytes) -> bool:
 
 
 def test_stream_concatenates_to_the_non_streamed_text():
-    model = tiny_gpt("llama", vocab_size=27)
+    model = tiny_model("llama", vocab_size=27)
     tok = CharTokenizer("\nabcdefghijklmnopqrstuvwxyz")
     settings = GenerationSettings(max_new_tokens=40, temperature=0.9, top_k=10, seed=5)
     streamed = "".join(stream(model, tok, "hello", settings))
@@ -393,11 +396,11 @@ def test_stream_concatenates_to_the_non_streamed_text():
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_generation_leaves_the_model_as_it_was(kind):
-    model = tiny_gpt(kind).train()
+    model = tiny_model(kind).train()
     keys = list(model.state_dict())
     buffers = [name for name, _ in model.named_buffers()]
     tok = CharTokenizer("".join(chr(ord("0") + i) for i in range(50)))
-    generate(model, torch.zeros(2, 3, dtype=torch.long), 25, temperature=1.0, seed=0)
+    generate(model, torch.zeros(2, 3, dtype=torch.long), sampling(25, temperature=1.0, seed=0))
     list(stream(model, tok, "012", GenerationSettings(max_new_tokens=5)))
     pieces = stream(model, tok, "012", GenerationSettings(max_new_tokens=50))
     next(pieces)  # a consumer that stops early
@@ -409,11 +412,12 @@ def test_generation_leaves_the_model_as_it_was(kind):
         assert all(block.attn.kv_cache is None for block in m.blocks)
         assert not any("kv_cache" in name for name, _ in m.named_modules())
     model.eval()
-    generate(model, torch.zeros(1, 3, dtype=torch.long), 3)
+    generate(model, torch.zeros(1, 3, dtype=torch.long), sampling(3))
     assert not model.training
     for training in (True, False):  # nothing to generate: the caller's mode still comes back unchanged
         model.train(training)
-        assert torch.equal(generate(model, torch.zeros(1, 3, dtype=torch.long), 0), torch.zeros(1, 3, dtype=torch.long))
+        prompt = torch.zeros(1, 3, dtype=torch.long)
+        assert torch.equal(generate(model, prompt, sampling(0)), prompt)
         assert "".join(stream(model, tok, "012", GenerationSettings(max_new_tokens=0))) == ""
         assert model.training is training
     # gradients still flow through the training forward afterwards
@@ -427,8 +431,8 @@ def test_generation_leaves_the_model_as_it_was(kind):
 
 
 def test_cli_generate_streams_reproducible_text(trained_run):
-    args = ("generate", "--ckpt_path", str(trained_run["ckpt"]), "--prompt", "ROMEO:", "--seed", "1",
-            "--stream", "true", "--max_new_tokens", "60")
+    args = ("generate", "--ckpt_path", str(trained_run["ckpt"]), "--prompt", "ROMEO:", "--generation.seed", "1",
+            "--stream", "true", "--generation.max_new_tokens", "60")
     first = run_cli(*args, cwd=trained_run["root"])
     assert first.returncode == 0, first.stderr[-2000:]
     assert first.stdout.startswith("ROMEO:")

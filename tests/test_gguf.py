@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import GPT2_STYLE, LLAMA_STYLE, tiny_gpt
 from project.commands import main
-from project.generate import generate
-from project.gguf_export import export_gguf, gguf_tensors, interleave_rope_rows
+from project.generate import GenerationSettings, generate
+from project.formats.gguf import export_gguf, gguf_tensors, interleave_rope_rows
 from project.model import GPT, GPTConfig, apply_rope, rope_cache
 from project.tokenizer import CharTokenizer, TiktokenTokenizer, train_bpe
 
@@ -32,8 +33,6 @@ needs_llama_cpp = pytest.mark.skipif(
     f"see its README): {LLAMA_CPP_ERROR if llama_cpp is None else ''}")
 
 TINY = dict(block_size=64, n_layer=2, n_head=4, n_embd=64)  # rows of 64 values: q8_0 quantizes every matrix
-GPT2_STYLE = dict(positions="learned", norm="layernorm", mlp="gelu", bias=True)
-LLAMA_STYLE = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
 CONFIGS = {
     "gpt2-tied": GPT2_STYLE,
     "gpt2-untied": dict(GPT2_STYLE, tie_embeddings=False, mlp_hidden=96),
@@ -44,19 +43,9 @@ F32_TOLERANCE = {"gpt2": 1e-2, "llama": 1e-4}
 MIN_AGREEMENT = {"f16": 0.9, "q8_0": 0.8}
 
 
-@pytest.fixture(scope="module")
-def chars(shakespeare_path: Path) -> CharTokenizer:
-    return CharTokenizer.from_text(shakespeare_path.read_text())
-
-
 def random_gpt(vocab_size: int, seed: int = 0, **options) -> GPT:
     """A tiny model with large random weights (norm gains and biases too), so any mapping slip shows."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab_size, **TINY, **options))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.2)
-    return model.eval()
+    return tiny_gpt(vocab_size, seed, spread=0.2, **TINY, **options)
 
 
 @contextlib.contextmanager
@@ -94,7 +83,7 @@ def test_f32_logits_and_greedy_tokens_match_llama_cpp(name, chars, tmp_path):
     path = export_gguf(model, chars, tmp_path / "gguf")
     idx = torch.randint(chars.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
     prompt, new = idx[:, :8], TINY["block_size"] - 8
-    ours = generate(model, prompt, new, temperature=0)[0, 8:].tolist()
+    ours = generate(model, prompt, GenerationSettings(max_new_tokens=new, temperature=0))[0, 8:].tolist()
     with torch.no_grad():
         expected = model(idx)[0]
     with llama(path) as llm:
@@ -112,7 +101,8 @@ def test_reduced_precision_agrees_on_most_greedy_tokens(name, dtype, chars, tmp_
     path = export_gguf(model, chars, tmp_path / dtype, dtype=dtype)
     f32_size = export_gguf(model, chars, tmp_path / "f32").stat().st_size
     assert path.stat().st_size < 0.6 * f32_size  # the matrices really are stored smaller
-    seq = generate(model, torch.tensor([chars.encode("ROMEO:\n")]), TINY["block_size"] - 7, temperature=0)
+    seq = generate(model, torch.tensor([chars.encode("ROMEO:\n")]),
+                   GenerationSettings(max_new_tokens=TINY["block_size"] - 7, temperature=0))
     with torch.no_grad():
         ours = model(seq)[0].argmax(-1)
     with llama(path) as llm:
@@ -209,7 +199,8 @@ def test_trained_bpe_tokenizes_and_decodes_like_ours_in_llama_cpp(tmp_path, shak
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
         assert llm.detokenize(tok.encode(text)).decode() == text
         assert llm.token_eos() == tok.eot_id
-        ours = generate(model, torch.tensor([prompt]), 24, temperature=0)[0, len(prompt):].tolist()
+        greedy = GenerationSettings(max_new_tokens=24, temperature=0)
+        ours = generate(model, torch.tensor([prompt]), greedy)[0, len(prompt):].tolist()
         assert llama_greedy(llm, prompt, 24) == ours
 
 

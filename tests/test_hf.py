@@ -10,17 +10,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
-from project.generate import generate  # noqa: E402
-from project.hf import export_hf, gpt_from_hf, hf_family, hf_tokenizer  # noqa: E402
+from project.generate import GenerationSettings, generate  # noqa: E402
+from project.formats.hf import export_hf, gpt_from_hf, hf_family, hf_tokenizer  # noqa: E402
 from project.model import GPT, GPTConfig  # noqa: E402
-from project.module import GPTModule  # noqa: E402
+from project.training.module import GPTModule  # noqa: E402
 from project.tokenizer import CharTokenizer, TiktokenTokenizer, train_bpe  # noqa: E402
 
-from conftest import run_cli  # noqa: E402
+from conftest import GPT2_STYLE, LLAMA_STYLE, run_cli, tiny_gpt  # noqa: E402
 
 TINY = dict(block_size=24, n_layer=2, n_head=4, n_embd=32)
-GPT2_STYLE = dict(positions="learned", norm="layernorm", mlp="gelu", bias=True)
-LLAMA_STYLE = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
 CONFIGS = {
     "gpt2": dict(GPT2_STYLE, gelu_approximate="tanh"),
     "gpt2-untied-erf": dict(GPT2_STYLE, gelu_approximate="none", tie_embeddings=False, mlp_hidden=48),
@@ -30,19 +28,9 @@ CONFIGS = {
 TEXT = "Hello, world!\nCafé — naïve 日本語 🙂  tabs\tand  spaces\n\n it's 1234567 they'll"
 
 
-@pytest.fixture(scope="module")
-def chars(shakespeare_path: Path) -> CharTokenizer:
-    return CharTokenizer.from_text(shakespeare_path.read_text())
-
-
 def random_gpt(chars: CharTokenizer, seed: int = 0, **options) -> GPT:
     """A tiny model with large random weights (norm gains and biases too), so any mapping slip shows."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=chars.vocab_size, **TINY, **options))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.2)
-    return model.eval()
+    return tiny_gpt(chars.vocab_size, seed, spread=0.2, **TINY, **options)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -62,7 +50,7 @@ def test_export_logits_and_greedy_generation_match(name, chars, tmp_path):
 
     prompt = idx[:1, :5]
     new = TINY["block_size"] - prompt.size(1)
-    ours = generate(model, prompt, new, temperature=0)
+    ours = generate(model, prompt, GenerationSettings(max_new_tokens=new, temperature=0))
     theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
                          do_sample=False)
     assert theirs.tolist() == ours.tolist()
@@ -113,7 +101,7 @@ def test_bpe_tokenizer_matches_tiktoken(tmp_path):
 
 def test_trained_bpe_export_gives_autotokenizer_the_same_ids(shakespeare_path, tmp_path):
     """Exported with a model, a trained BPE loads in stock transformers with identical ids, seen text or not."""
-    from project.checkpoint import load_model
+    from project.formats.checkpoint import load_model
 
     text = shakespeare_path.read_text()
     ours = train_bpe(text[:200_000], 700)

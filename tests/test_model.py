@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+from conftest import tiny_gpt
 from project.model import GPT, GPTConfig, apply_rope, rope_cache
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
@@ -17,8 +18,7 @@ ARCHITECTURES = [
 
 
 def tiny(**overrides) -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+    return tiny_gpt(**{**TINY, **overrides})
 
 
 def test_logits_shape():

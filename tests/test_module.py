@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from project.model import GPTConfig
-from project.module import GPTModule
-from project.optim import build_optimizer, warmup_cosine
+from project.training.module import GPTModule
+from project.training.optim import OptimizerSettings, build_optimizer, warmup_cosine
 
 
 def tiny_module(**kwargs) -> GPTModule:
@@ -36,7 +36,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 def test_weight_decay_only_on_matrices():
     model = tiny_module().model
-    optimizer, _ = build_optimizer(model, total_steps=100, weight_decay=0.1)
+    optimizer, _ = build_optimizer(model, OptimizerSettings(weight_decay=0.1), total_steps=100)
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -44,21 +44,42 @@ def test_weight_decay_only_on_matrices():
     assert n_params == model.num_params()
 
 
-def test_validation_metrics_are_loss_perplexity_and_bits_per_byte():
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluation_metrics_are_loss_perplexity_and_bits_per_byte(split):
     module = tiny_module()
-    module.val_bytes_per_token = 4.0
+    module.bytes_per_token = {split: 4.0}
     logged = {}
     module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
     x, y = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
-    module.validation_step((x, y), 0)
-    module.on_validation_epoch_end()
+    step, epoch_end = ((module.validation_step, module.on_validation_epoch_end) if split == "val"
+                       else (module.test_step, module.on_test_epoch_end))
+    step((x, y), 0)
+    epoch_end()
     expected = F.cross_entropy(module(x).flatten(0, 1), y.flatten()).item()
-    assert logged["val/loss"] == pytest.approx(expected, rel=1e-5)
-    assert logged["val/ppl"] == pytest.approx(math.exp(expected), rel=1e-4)
-    assert logged["val/bpb"] == pytest.approx(expected / math.log(2) / 4.0, rel=1e-5)
+    assert set(logged) == {f"{split}/loss", f"{split}/ppl", f"{split}/bpb"}
+    assert logged[f"{split}/loss"] == pytest.approx(expected, rel=1e-5)
+    assert logged[f"{split}/ppl"] == pytest.approx(math.exp(expected), rel=1e-4)
+    assert logged[f"{split}/bpb"] == pytest.approx(expected / math.log(2) / 4.0, rel=1e-5)
 
 
-def test_hyperparameters_are_plain_data():
-    module = tiny_module()
-    assert isinstance(module.hparams["config"], dict)
-    assert GPTModule(**module.hparams).model.config == module.model.config
+def test_hyperparameters_are_plain_data_and_rebuild_the_module():
+    module = tiny_module(optimizer=OptimizerSettings(name="muon", betas=(0.8, 0.9), warmup_steps=3))
+    assert isinstance(module.hparams["config"], dict) and isinstance(module.hparams["optimizer"], dict)
+    assert module.hparams["optimizer"]["betas"] == [0.8, 0.9]  # a list: weights-only checkpoints hold no tuples
+    again = GPTModule(**module.hparams)
+    assert again.model.config == module.model.config and again.optimizer_settings == module.optimizer_settings
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("learning_rate", -1.0, "learning_rate must be a positive number"),
+    ("learning_rate", float("nan"), "learning_rate must be a positive number"),
+    ("min_lr_ratio", 1.5, "min_lr_ratio must be in"),
+    ("warmup_steps", -1, "warmup_steps must be >= 0"),
+    ("weight_decay", -0.1, "weight_decay must be >= 0"),
+    ("betas", (0.9, 1.0), "betas must be two numbers in"),
+    ("name", "sgd", "adamw or muon"),
+])
+def test_optimizer_settings_check_themselves_naming_the_flag(field, value, message):
+    with pytest.raises(ValueError, match=f"--model.optimizer.{field}|{message}") as refused:
+        OptimizerSettings(**{field: value})
+    assert message in str(refused.value)

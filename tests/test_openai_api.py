@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API (project/openai_api.py), served with the Gradio page on one port (project/app.py),
+"""The OpenAI-compatible API (project/serve/openai_api.py), served with the Gradio page on one port (project/serve/page.py),
 through the official `openai` client and raw HTTP."""
 
 from __future__ import annotations
@@ -16,19 +16,14 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("gradio")
 
-from project.app import build_server  # noqa: E402
-from project.checkpoint import load_model  # noqa: E402
+from project.serve.server import build_server  # noqa: E402
+from project.formats.checkpoint import load_model  # noqa: E402
 from project.generate import GenerationSettings, stream  # noqa: E402
-from project.openai_api import ChatMessage, chat_prompt  # noqa: E402
+from project.serve.openai_api import ChatMessage, chat_prompt  # noqa: E402
 
 MODEL = "tiny-shakespeare"
 KEY = "test-key-123"
 CLIENT_TIMEOUT_S = 120  # every request in these tests must finish within this
-
-
-@pytest.fixture(scope="module")
-def loaded(trained_run):
-    return load_model(trained_run["ckpt"])
 
 
 def serve_in_thread(app):

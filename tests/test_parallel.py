@@ -1,7 +1,7 @@
 """DDP, FSDP2 and tensor parallelism on CPU ranks (gloo).
 
 Lightning's FSDPStrategy (FSDP1) refuses CPUs, so FSDP is tested as FSDP2 (`fully_shard`, the plan in
-project/parallel.py) with torch.distributed directly. Multi-process Lightning runs go through the real CLI in
+project/training/parallel.py) with torch.distributed directly. Multi-process Lightning runs go through the real CLI in
 a subprocess: strategy=ddp launched inside pytest would re-run the whole pytest command in its children.
 """
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule
 
-from project.callbacks import NonFiniteLossError, NonFiniteLossGuard
-from project.checkpoint import load_checkpoint
+from project.training.nan_guard import NonFiniteLossError, NonFiniteLossGuard
+from project.formats.checkpoint import load_checkpoint
 from project.model import GPT, GPTConfig
 from tests.conftest import REPO, free_port, run_cli
 
@@ -59,7 +59,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
-    from project.parallel import clip_grad_norm_, parallelize
+    from project.training.parallel import clip_grad_norm_, parallelize
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -139,10 +139,11 @@ def test_ddp_fsdp2_and_tensor_parallel_match_one_device(tmp_path):
 def test_ddp_fit_two_cpu_processes_with_fewer_val_windows_than_ranks(tmp_path, shakespeare_path):
     """Real CLI, 2 gloo processes. The val split holds 1 window for 2 ranks: the sampler pads, nobody hangs."""
     corpus = tmp_path / "tiny.txt"
-    corpus.write_text(shakespeare_path.read_text(encoding="utf-8")[:600], encoding="utf-8")  # val: 60 chars
+    corpus.write_text(shakespeare_path.read_text(encoding="utf-8")[:600], encoding="utf-8")
     result = run_cli(
         "fit", "--config", str(REPO / "configs" / "debug.yaml"), "--config", str(REPO / "configs" / "strategy" / "ddp.yaml"),
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.path", str(corpus),
+        "--data.split.val_fraction", "0.1",  # 60 characters: one window of 33
         "--data.data_dir", str(tmp_path / "data"), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
         "--samples.max_new_tokens", "8", cwd=tmp_path, timeout=240,
     )
@@ -178,7 +179,7 @@ def test_model_parallel_fit_then_consolidate(tmp_path, data_dir, data_parallel, 
         torch.testing.assert_close(a.model(x), b.model(x), atol=0, rtol=0)
 
     # the consolidated file is a Lightning checkpoint too (`predict --ckpt_path single.ckpt` on one device)
-    from project.module import GPTModule
+    from project.training.module import GPTModule
 
     module = GPTModule.load_from_checkpoint(single, map_location="cpu", weights_only=True)
     assert module.tokenizer is not None
@@ -205,7 +206,7 @@ def test_tensor_parallel_ranks_read_the_same_training_batches(data_dir):
     """Training streams are keyed by the data-parallel rank: a tensor-parallel group shares one stream."""
     from types import SimpleNamespace
 
-    from project.data import TextDataModule
+    from project.data.datamodule import TextDataModule
 
     def first_batch(global_rank: int, sampler_kwargs: dict | None) -> torch.Tensor:
         dm = TextDataModule(data_dir=str(data_dir), tokenizer="char", block_size=8, batch_size=2)
@@ -287,7 +288,7 @@ def test_text_samples_are_skipped_with_a_reason_under_sharding_strategies():
     """Rank 0 generating alone through sharded weights would wait forever for the other ranks' all-gathers."""
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
-    from project.callbacks import sample_skip_reason
+    from project.training.monitoring import sample_skip_reason
 
     for sharded in (FSDPStrategy(), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)):
         assert "rank 0 alone cannot run the model" in sample_skip_reason(sharded)

@@ -46,7 +46,7 @@ def losses_of(event_file: Path) -> dict[int, float]:
 
 def test_sigkill_then_resume_last_matches_an_uninterrupted_run(data_dir, tmp_path):
     args = ["fit", "--config", DEBUG, "--data.data_dir", str(data_dir), *FAST, "--trainer.max_steps", "24",
-            "--checkpoint.last_every_n_steps", "3"]
+            "--last_checkpoint.every_n_train_steps", "3"]
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     killed = popen_cli(*args, cwd=tmp_path / "b")
     reference = popen_cli(*args, cwd=tmp_path / "a")  # uninterrupted, alongside
@@ -78,7 +78,7 @@ def test_sigkill_then_resume_last_matches_an_uninterrupted_run(data_dir, tmp_pat
 
 def test_ctrl_c_saves_last_checkpoint(data_dir, tmp_path):
     proc = popen_cli("fit", "--config", DEBUG, "--data.data_dir", str(data_dir), *FAST, "--trainer.max_steps",
-                     "100000", "--trainer.val_check_interval", "100000", "--checkpoint.last_every_n_steps", "2",
+                     "100000", "--trainer.val_check_interval", "100000", "--last_checkpoint.every_n_train_steps", "2",
                      cwd=tmp_path)
     last = tmp_path / "runs" / "gpt" / "version_0" / "checkpoints" / "last.ckpt"
     wait_for(last, proc)
@@ -96,7 +96,7 @@ def test_a_second_writer_of_one_run_folder_is_refused(data_dir, tmp_path):
     """`--ckpt_path last` while the run is still training would write the same folder: refused, and the first
     run goes on to save its own last.ckpt."""
     args = ["fit", "--config", DEBUG, "--data.data_dir", str(data_dir), *FAST, "--trainer.max_steps", "100000",
-            "--trainer.val_check_interval", "100000", "--checkpoint.last_every_n_steps", "2"]
+            "--trainer.val_check_interval", "100000", "--last_checkpoint.every_n_train_steps", "2"]
     first = popen_cli(*args, cwd=tmp_path)
     last = tmp_path / "runs" / "gpt" / "version_0" / "checkpoints" / "last.ckpt"
     wait_for(last, first)
@@ -116,7 +116,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     """A crash while the bytes are written leaves the previous last.ckpt complete, and no temporary file."""
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from project.callbacks import AtomicCheckpointIO
+    from project.training.checkpointing import AtomicCheckpointIO
 
     target = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
@@ -136,7 +136,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, err = run_main(capsys, "fit", "--config", DEBUG, "--data.data_dir", str(data_dir), *FAST,
-                               "--model.learning_rate", "1e30", "--trainer.max_steps", "20")
+                               "--model.optimizer.learning_rate", "1e30", "--trainer.max_steps", "20")
     assert code != 0
     last_line = err.strip().splitlines()[-1]
     assert last_line.startswith("error: non-finite training loss at step "), err[-2000:]
@@ -146,7 +146,7 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path, capsys
 def test_nonfinite_loss_skip_drops_batches_then_gives_up(data_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, err = run_main(capsys, "fit", "--config", DEBUG, "--data.data_dir", str(data_dir), *FAST,
-                               "--model.learning_rate", "1e30", "--trainer.max_steps", "20",
+                               "--model.optimizer.learning_rate", "1e30", "--trainer.max_steps", "20",
                                "--nan_guard.action", "skip", "--nan_guard.max_skips", "2")
     assert code != 0
     assert err.count("skipped this batch") == 2, err[-2000:]
@@ -156,9 +156,9 @@ def test_nonfinite_loss_skip_drops_batches_then_gives_up(data_dir, tmp_path, cap
 def test_compiled_model_checkpoints_load_into_an_uncompiled_model(trained_run):
     """`model.compile: true` compiles in place: checkpoint keys carry no `_orig_mod.` prefix, and a prefixed
     state dict (from code that wrapped the model with torch.compile) still loads."""
-    from project.checkpoint import load_checkpoint, model_state_dict
+    from project.formats.checkpoint import load_checkpoint, model_state_dict
     from project.model import GPTConfig
-    from project.module import GPTModule
+    from project.training.module import GPTModule
 
     config = GPTConfig(vocab_size=65, **DEBUG_CONFIG["model"]["config"])  # trained_run's architecture
     compiled, plain = GPTModule(config, compile=True), GPTModule(config)

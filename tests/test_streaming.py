@@ -6,6 +6,7 @@ Everything runs on a few KB of TinyShakespeare split into files; skipped only wh
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,9 +21,11 @@ from conftest import REPO, run_cli
 pytest.importorskip("litdata")
 
 from project.commands import main  # noqa: E402
-from project.data import TextDataModule  # noqa: E402
-from project.streaming import import_litdata, prepare_corpus  # noqa: E402
+from project.data.corpus import Split  # noqa: E402
+from project.data.datamodule import TextDataModule  # noqa: E402
+from project.data.streaming import import_litdata, prepare_corpus, read_record  # noqa: E402
 from project.tokenizer import tokenizer_from_state  # noqa: E402
+from project.training.optim import OptimizerSettings  # noqa: E402
 
 litdata = import_litdata()
 
@@ -48,9 +51,10 @@ def all_tokens(split_dir: Path) -> list[int]:
     return [int(item[0]) for item in dataset]
 
 
-def expected_parts(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    cuts = [int(len(d) * (1 - val_fraction)) for d in docs]
-    return [d[:c] for d, c in zip(docs, cuts)], [d[c:] for d, c in zip(docs, cuts)]
+def expected_parts(docs: list[str], split: Split) -> dict[str, list[str]]:
+    """Each split's part of every document (the non-empty ones)."""
+    cut = [split.cut(d) for d in docs]
+    return {name: [parts[name] for parts in cut if parts[name]] for name in ("train", "val", "test")}
 
 
 @pytest.fixture(scope="module")
@@ -60,25 +64,24 @@ def bpe_corpus(tmp_path_factory, shakespeare_path) -> dict:
     docs = write_corpus(root / "texts", shakespeare_path.read_text(encoding="utf-8")[:9000])
     out = root / "tokens"
     result = run_cli("prepare", "--input_dir", str(root / "texts"), "--output_dir", str(out), "--num_workers", "2",
-                     "--chunk_tokens", "600", "--val_fraction", "0.1", cwd=root)
+                     "--chunk_tokens", "600", "--split.val_fraction", "0.1", "--split.test_fraction", "0.1", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
-    return {"root": root, "docs": docs, "out": out, "meta": json.loads((out / "meta.json").read_text())}
+    return {"root": root, "docs": docs, "out": out, "record": read_record(str(out))}
 
 
 def test_prepare_round_trip_and_counts(bpe_corpus):
-    meta, out, docs = bpe_corpus["meta"], bpe_corpus["out"], bpe_corpus["docs"]
-    tokenizer = tokenizer_from_state(meta["tokenizer"])
-    assert meta["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"} and meta["vocab_size"] == 50257
+    record, out, docs = bpe_corpus["record"], bpe_corpus["out"], bpe_corpus["docs"]
+    tokenizer = tokenizer_from_state(record.tokenizer)
+    assert record.tokenizer == {"kind": "tiktoken", "name": "gpt2"} and record.dtype == "uint16"
     assert len(list((out / "train").glob("chunk-*.bin"))) > 1  # sharded: several chunk files
-    train_parts, val_parts = expected_parts(docs, 0.1)
-    for split, parts in (("train", train_parts), ("val", val_parts)):
+    for split, parts in expected_parts(docs, Split(val_fraction=0.1, test_fraction=0.1)).items():
         tokens = all_tokens(out / split)
-        assert len(tokens) == meta[f"{split}_tokens"]
+        assert len(tokens) == record.tokens[split]
         assert tokens.count(tokenizer.eot_id) == len(parts)  # <|endoftext|> after every document
         decoded = tokenizer.decode(tokens).split("<|endoftext|>")
         assert decoded[-1] == "" and sorted(decoded[:-1]) == sorted(parts)  # workers may reorder documents
-        assert meta[f"{split}_bytes"] == sum(len(p.encode("utf-8")) for p in parts)
-    assert meta["train_bytes"] + meta["val_bytes"] == len("".join(docs).encode("utf-8"))
+        assert record.text_bytes[split] == sum(len(p.encode("utf-8")) for p in parts)
+    assert sum(record.text_bytes.values()) == len("".join(docs).encode("utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -95,24 +98,26 @@ def char_corpus(tmp_path_factory, shakespeare_path) -> dict:
     rows = ["First row.\n", "Second row, différent.\n"]
     pq.write_table(pa.table({"text": rows, "id": [1, 2]}), root / "texts" / "rows.parquet")
     docs += rows
-    meta = prepare_corpus(input_dir=str(root / "texts"), output_dir=str(root / "tokens"), tokenizer="char",
-                          num_workers=1, val_fraction=0.2)  # in-process: spawned workers work under pytest too
-    return {"root": root, "docs": docs, "out": root / "tokens", "meta": meta}
+    record = prepare_corpus(input_dir=str(root / "texts"), output_dir=str(root / "tokens"), tokenizer="char",
+                            num_workers=1, split=CHAR_SPLIT)  # in-process: spawned workers work under pytest too
+    return {"root": root, "docs": docs, "out": root / "tokens", "record": record}
+
+
+CHAR_SPLIT = Split(val_fraction=0.2, test_fraction=0.1)
 
 
 def test_prepare_char_vocabulary_over_all_files_and_parquet_rows(char_corpus):
     """tokenizer=char sees every file before tokenizing; a parquet row is a document."""
-    meta, docs, out = char_corpus["meta"], char_corpus["docs"], char_corpus["out"]
-    assert meta["items"] == 4  # 2 + 1 text files and the parquet file's one row group
-    tokenizer = tokenizer_from_state(meta["tokenizer"])
+    record, docs, out = char_corpus["record"], char_corpus["docs"], char_corpus["out"]
+    tokenizer = tokenizer_from_state(record.tokenizer)
     assert tokenizer.chars == "".join(sorted(set("".join(docs))))
-    assert meta["vocab_size"] == len(tokenizer.chars) and meta["eot_between_documents"] is False
-    train_parts, val_parts = expected_parts(docs, 0.2)
-    for split, parts in (("train", train_parts), ("val", val_parts)):
+    assert tokenizer.eot_id is None  # so nothing separates the documents
+    for split, parts in expected_parts(docs, CHAR_SPLIT).items():
         tokens = all_tokens(out / split)
-        assert len(tokens) == meta[f"{split}_tokens"] == sum(len(p) for p in parts)
+        assert len(tokens) == record.tokens[split] == sum(len(p) for p in parts)
         assert sorted(tokenizer.decode(tokens)) == sorted("".join(parts))  # characters back to back, no separator
-        assert meta[f"{split}_bytes"] == sum(len(p.encode("utf-8")) for p in parts)
+        assert record.text_bytes[split] == sum(len(p.encode("utf-8")) for p in parts)
+    assert read_record(str(out)) == record  # what meta.json holds
 
 
 def test_both_readers_give_the_same_tokens_and_val_windows(shakespeare_path, tmp_path):
@@ -120,22 +125,25 @@ def test_both_readers_give_the_same_tokens_and_val_windows(shakespeare_path, tmp
     (tmp_path / "texts").mkdir()
     corpus = tmp_path / "texts" / "play.txt"
     corpus.write_text(shakespeare_path.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    split = Split(val_fraction=0.1, test_fraction=0.1)
     prepare_corpus(input_dir=str(tmp_path / "texts"), output_dir=str(tmp_path / "tokens"), tokenizer="char",
-                   num_workers=1, val_fraction=0.1)
+                   num_workers=1, split=split)
     options = {"block_size": 32, "batch_size": 8, "max_val_windows": 20}
-    memmap = TextDataModule(path=str(corpus), data_dir=str(tmp_path / "data"), tokenizer="char", val_fraction=0.1,
+    memmap = TextDataModule(path=str(corpus), data_dir=str(tmp_path / "data"), tokenizer="char", split=split,
                             **options)
     streamed = TextDataModule(streaming_dir=str(tmp_path / "tokens"), **options)
     for dm in (memmap, streamed):
         dm.prepare_data()
         dm.setup("fit")
     assert memmap.tokenizer.state_dict() == streamed.tokenizer.state_dict()
-    assert memmap.val_bytes_per_token == streamed.val_bytes_per_token
-    train_bin = memmap.cache_dir / "train.bin"
-    assert all_tokens(tmp_path / "tokens" / "train") == np.fromfile(train_bin, dtype=memmap.meta["dtype"]).tolist()
-    pairs = list(zip(memmap.val_dataloader(), streamed.val_dataloader(), strict=True))
-    assert sum(len(x) for (x, _), _ in pairs) == 20
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
+    assert memmap.record.text_bytes == streamed.record.text_bytes and memmap.record.tokens == streamed.record.tokens
+    for name in ("train", "val", "test"):
+        stored = np.fromfile(memmap.store_dir / f"{name}.bin", dtype=memmap.record.dtype).tolist()
+        assert all_tokens(tmp_path / "tokens" / name) == stored
+    for name in ("val", "test"):
+        pairs = list(zip(memmap.eval_dataloader(name), streamed.eval_dataloader(name), strict=True))
+        assert sum(len(x) for (x, _), _ in pairs) == 20
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
 
 
 def streaming_module(out: Path, **kwargs) -> TextDataModule:
@@ -151,8 +159,9 @@ def first_batches(dm: TextDataModule, n: int = 3) -> list[tuple[torch.Tensor, to
 
 def test_train_batches_are_shifted_windows_seeded_and_endless(bpe_corpus):
     dm = streaming_module(bpe_corpus["out"])
-    assert dm.vocab_size == 50257 and dm.val_bytes_per_token == pytest.approx(
-        bpe_corpus["meta"]["val_bytes"] / bpe_corpus["meta"]["val_tokens"])
+    record = bpe_corpus["record"]
+    assert dm.vocab_size == 50257 and dm.bytes_per_token("val") == pytest.approx(
+        record.text_bytes["val"] / record.tokens["val"])
     batches = first_batches(dm)
     for x, y in batches:
         assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.long
@@ -193,8 +202,8 @@ def test_fit_streaming_then_generate_through_the_cli(char_corpus, tmp_path):
     assert saved["global_step"] == 4 and saved["tokenizer"]["kind"] == "char"
     assert saved["hyper_parameters"]["config"]["vocab_size"] == len(saved["tokenizer"]["chars"])  # from meta.json
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # litdata's loader state, for resuming
-    result = run_cli("generate", "--ckpt_path", str(ckpt), "--prompt", "ROMEO:", "--max_new_tokens", "10",
-                     "--seed", "1", cwd=tmp_path)
+    result = run_cli("generate", "--ckpt_path", str(ckpt), "--prompt", "ROMEO:", "--generation.max_new_tokens", "10",
+                     "--generation.seed", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("ROMEO:") and len(result.stdout.strip()) >= len("ROMEO:") + 5
 
@@ -222,11 +231,11 @@ def fit_steps(streaming_dir: Path, max_steps: int, root: Path, ckpt_path: str | 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from project.model import GPTConfig
-    from project.module import GPTModule
+    from project.training.module import GPTModule
 
     dm = TextDataModule(streaming_dir=str(streaming_dir), block_size=16, batch_size=4, seed=5)
     module = GPTModule(GPTConfig(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16),
-                       warmup_steps=1)
+                       optimizer=OptimizerSettings(warmup_steps=1))
     record = RecordBatches()
     trainer = Trainer(accelerator="cpu", max_steps=max_steps, limit_val_batches=0, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
@@ -249,13 +258,13 @@ def test_ddp_ranks_read_different_windows_and_all_validate(bpe_corpus, tmp_path)
     from lightning.pytorch import Trainer
 
     from project.model import GPTConfig
-    from project.module import GPTModule
+    from project.training.module import GPTModule
 
     block = 128  # the val split (~230 tokens) holds one window of 129: the sampler pads it for the second rank
     dm = TextDataModule(streaming_dir=str(bpe_corpus["out"]), block_size=block, batch_size=2, seed=3)
     assert len(dm.val_dataloader().dataset) == 1
     module = GPTModule(GPTConfig(vocab_size=dm.vocab_size, block_size=block, n_layer=1, n_head=2, n_embd=16),
-                       warmup_steps=1)
+                       optimizer=OptimizerSettings(warmup_steps=1))
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, val_check_interval=2,
                       num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[RecordBatches(str(tmp_path))])
@@ -312,3 +321,16 @@ def test_a_bad_file_among_good_ones_stops_spawned_workers_cleanly(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: texts/b.txt is not UTF-8")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "tokens").exists()
+
+
+def test_chunks_left_by_a_killed_prepare_do_not_break_the_next(tmp_path, monkeypatch, shakespeare_path):
+    """litdata stages chunks in one shared folder and refuses to finish when it holds another run's: each prepare
+    stages in a folder of its own."""
+    stale = tmp_path / "staging"
+    stale.mkdir()
+    (stale / "chunk-0-0.bin").write_bytes(b"left by a killed run")
+    monkeypatch.setenv("DATA_OPTIMIZER_CACHE_FOLDER", str(stale))
+    write_corpus(tmp_path / "texts", shakespeare_path.read_text(encoding="utf-8")[:2000], parts=1)
+    record = prepare_corpus(input_dir=str(tmp_path / "texts"), output_dir=str(tmp_path / "tokens"), tokenizer="char",
+                            num_workers=1)
+    assert record.tokens["train"] > 0 and os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] == str(stale)

@@ -10,17 +10,13 @@ the next-token top-10 probabilities as a bar chart.
 Bad input (an empty or too long prompt, a value out of range) gives a message in the page, never a stack
 trace; requests are queued with a concurrency limit, and a failed request leaves the app serving.
 
-`serve` puts the page and an OpenAI-compatible API (/v1, project/openai_api.py) on one FastAPI app and port.
-It listens on 127.0.0.1 unless `--host` says otherwise, and any other host needs an API key.
+`serve` puts the page and an OpenAI-compatible API (/v1) on one FastAPI app and port (project/serve/server.py).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
-import secrets
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,9 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from project.checkpoint import LoadedCheckpoint
-from project.generate import GenerationSettings, request_model, stream, validate_sampling
-from project.tokenizer import BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
+from project.formats.checkpoint import LoadedCheckpoint
+from project.generate import GenerationSettings, request_model, stream
 
 if TYPE_CHECKING:  # gradio and matplotlib are imported when the app is built, so `import project.commands` stays light
     import gradio as gr
@@ -40,21 +35,10 @@ log = logging.getLogger(__name__)
 
 EXAMPLE_PROMPTS = ["ROMEO:", "First Citizen:\n", "JULIET:\nO Romeo"]
 TOP_N = 10  # next-token probabilities shown
-API_KEY_ENV = "PROJECT_API_KEY"  # the server's API key, when --api_key is not given
 MAX_LABELLED_TOKENS = 48  # beyond this many prompt tokens, the heatmap labels every n-th token only
 
 
 # --- what the page shows -------------------------------------------------------------------------------------
-
-
-def tokenizer_kind(tokenizer: Tokenizer) -> str:
-    if isinstance(tokenizer, CharTokenizer):
-        return f"characters ({tokenizer.vocab_size} symbols)"
-    if isinstance(tokenizer, TiktokenTokenizer):
-        return f"tiktoken {tokenizer.name} BPE ({tokenizer.vocab_size} tokens)"
-    if isinstance(tokenizer, BPETokenizer):
-        return f"byte-level BPE trained on the corpus ({tokenizer.vocab_size} tokens)"
-    return f"{type(tokenizer).__name__} ({tokenizer.vocab_size} tokens)"
 
 
 def model_card(loaded: LoadedCheckpoint) -> str:
@@ -64,7 +48,7 @@ def model_card(loaded: LoadedCheckpoint) -> str:
     rows = [
         ("checkpoint", f"`{loaded.path.name}`"),
         ("parameters", f"{params:,} ({params / 1e6:.2f} M)"),
-        ("tokenizer", tokenizer_kind(loaded.tokenizer)),
+        ("tokenizer", loaded.tokenizer.describe()),
         ("training steps", f"{loaded.global_step:,}"),
     ]
     for name, value in sorted(loaded.metrics.items()):
@@ -135,9 +119,8 @@ class App:
         if top_k is not None and (float(top_k) != int(top_k) or top_k < 1):
             raise ValueError(f"top-k must be a whole number >= 1 (0 = no limit), got {top_k}")
         top_p = None if top_p is None or top_p == 1 else float(top_p)
-        if seed is not None and (float(seed) != int(seed) or seed < 0):
+        if seed is not None and float(seed) != int(seed):
             raise ValueError(f"seed must be a whole number >= 0 (empty = random), got {seed}")
-        validate_sampling(float(temperature), None if top_k is None else int(top_k), top_p, int(max_new_tokens))
         return GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                   top_k=None if top_k is None else int(top_k), top_p=top_p,
                                   seed=None if seed is None else int(seed))
@@ -256,28 +239,6 @@ def top_figure(top: list[tuple[str, float]]) -> Figure:
 # --- the page ---------------------------------------------------------------------------------------------------
 
 
-def check_can_listen(host: str, port: int) -> None:
-    """ValueError naming the culprit when the app could not listen on host:port: a port out of range or in use,
-    or a host that is not a name or address of this machine (checked before the model is loaded)."""
-    if not 0 < port < 65536:
-        raise ValueError(f"port must be in 1..65535, got {port}")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror:
-        raise ValueError(f"--host {host} is not a known host name or address: use 127.0.0.1 (this machine only) "
-                         "or 0.0.0.0 (every interface)") from None
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
-        try:
-            probe.bind(address)
-        except OSError as err:
-            if err.errno == errno.EADDRINUSE:
-                raise ValueError(f"port {port} on {host} is in use by another program: pass another --port, or "
-                                 "stop that program") from None
-            raise ValueError(f"cannot listen on --host {host} --port {port} ({err.strerror}): use --host 127.0.0.1, "
-                             "or an address of this machine") from None
-
-
 def build_app(loaded: LoadedCheckpoint, *, max_prompt_chars: int = 2000, concurrency_limit: int = 2,
               max_queue: int = 32) -> gr.Blocks:
     """The Gradio page for `loaded`, with its queue configured. API names: `generate`, `attention`."""
@@ -338,38 +299,3 @@ def build_app(loaded: LoadedCheckpoint, *, max_prompt_chars: int = 2000, concurr
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
     demo.app_handlers = app  # the handlers, for tests and notebooks
     return demo
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
-def build_server(loaded: LoadedCheckpoint, *, api_key: str | None = None, model_name: str = "gpt",
-                 max_prompt_chars: int = 2000, concurrency_limit: int = 2, max_queue: int = 32):
-    """One FastAPI app: the OpenAI-compatible API under /v1 (project/openai_api.py) and the page at /.
-
-    With `api_key`, the API needs it as a bearer token and the page asks for it as the password.
-    """
-    import gradio as gr
-    from fastapi import FastAPI
-
-    from project.openai_api import add_openai_routes
-
-    server = FastAPI(title="GPT playground and OpenAI-compatible API", docs_url=None, redoc_url=None)
-    add_openai_routes(server, loaded, model_name=model_name, api_key=api_key)  # before "/": the routes match first
-    demo = build_app(loaded, max_prompt_chars=max_prompt_chars, concurrency_limit=concurrency_limit,
-                     max_queue=max_queue)
-    auth = None
-    if api_key is not None:
-        def auth(username: str, password: str) -> bool:
-            return secrets.compare_digest(password.encode(), api_key.encode())
-    return gr.mount_gradio_app(server, demo, path="/", auth=auth, show_error=False, ssr_mode=False)
-

@@ -15,12 +15,12 @@ choice about sharding lives here.
    all-reduced). Two all-reduces per block forward; embeddings, norms and the LM head stay replicated.
    Needs n_head, n_kv_head and the MLP width divisible by the tensor-parallel size. With dropout > 0 the
    tensor-parallel ranks must draw the same masks: `seed_everything` seeds every rank alike.
-2. Optional activation checkpointing per block (recompute activations in backward, less memory).
-3. FSDP2 (`fully_shard`) on the "data_parallel" dimension: each block is its own unit (all-gathered just
+2. FSDP2 (`fully_shard`) on the "data_parallel" dimension: each block is its own unit (all-gathered just
    before it runs, freed after), then the root (embeddings, final norm, tied LM head).
 
+Activation checkpointing (`--model.activation_checkpointing`) is the model's own (`GPT.activation_checkpointing`).
 Checkpoints are distributed (DCP) folders; `python -m project consolidate` or `load_checkpoint` turn them
-into single-device weights (see project/checkpoint.py).
+into single-device weights (see project/formats/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -57,21 +57,12 @@ def check_tensor_parallel_size(model: GPT, tp_size: int) -> None:
             )
 
 
-def apply_activation_checkpointing(model: GPT) -> None:
-    """Wrap each block so its activations are recomputed in backward (parameter names are unchanged in
-    state dicts: the wrapper strips its `_checkpoint_wrapped_module.` prefix)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = checkpoint_wrapper(block)
-
-
-def parallelize(model: GPT, device_mesh, activation_checkpointing: bool = False, compile: bool = False) -> GPT:
+def parallelize(model: GPT, device_mesh, compile: bool = False) -> GPT:
     """Shard `model` in place over `device_mesh` (dims "data_parallel" and "tensor_parallel"); idempotent."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
 
-    if isinstance(model, FSDPModule) or getattr(model, "_parallelized", False):
+    if isinstance(model, FSDPModule) or is_sharded(model):
         return model  # configure_model can be called again (e.g. fit then test in one process)
     tp_mesh, dp_mesh = device_mesh["tensor_parallel"], device_mesh["data_parallel"]
 
@@ -81,8 +72,6 @@ def parallelize(model: GPT, device_mesh, activation_checkpointing: bool = False,
         for block in model.blocks:
             parallelize_module(block, tp_mesh, plan)
 
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
     if compile:
         for block in model.blocks:
             block.compile()  # per block, before sharding: FSDP hooks stay outside the compiled graph
@@ -91,8 +80,14 @@ def parallelize(model: GPT, device_mesh, activation_checkpointing: bool = False,
         for block in model.blocks:
             fully_shard(block, mesh=dp_mesh)
         fully_shard(model, mesh=dp_mesh)  # the rest: embeddings, final norm, tied LM head
-    model._parallelized = True
     return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether any parameter of `model` is a DTensor (split or replicated over a device mesh)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 @torch.no_grad()

@@ -19,16 +19,17 @@ lazily, so the rest of the project does not need it.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from project.extras import require_extra
+from project.files import remove_path, temporary_path
 from project.model import GPT, GPTConfig, architecture_fields
-from project.tokenizer import END_OF_TEXT, BPETokenizer, CharTokenizer, TiktokenTokenizer, Tokenizer
+from project.tokenizer import Tokenizer, tokenizer_from_hf_file
 
 GPT2_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}  # ours -> transformers, bit-identical ops
 GPT2_ACTIVATIONS_IN = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -65,11 +66,7 @@ WEIGHT_NAMES = {
 
 
 def _require_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ImportError("Hugging Face export/import needs transformers: pip install 'project[hf]'") from None
-    return transformers
+    return require_extra("transformers", "hf", "Hugging Face export and import")
 
 
 # --- architecture mapping -------------------------------------------------------------------------------
@@ -320,29 +317,15 @@ def gpt_from_hf(path: str | Path) -> GPT:
 
 
 def read_hf_directory(path: Path) -> tuple[GPT, Tokenizer]:
-    """The model (eval mode, on the CPU) and tokenizer of a transformers directory: the tokenizer from
-    tokenizer.json (a character vocabulary, GPT-2 BPE or a trained byte-level BPE, as `export` writes them)."""
+    """The model (eval mode, on the CPU) and tokenizer of a transformers directory: the tokenizer from its
+    tokenizer.json alone (characters or a byte-level BPE, as `export` writes them; no tiktoken cache needed)."""
     model = gpt_from_hf(path)
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
         raise FileNotFoundError(f"{tok_file} is missing: pass a directory written by `python -m project export`")
-    spec = json.loads(tok_file.read_text())
-    tokenizer: Tokenizer
-    if spec.get("model", {}).get("type") == "WordLevel":
-        vocab = spec["model"]["vocab"]
-        tokenizer = CharTokenizer("".join(sorted(vocab, key=vocab.get)))
-    else:
-        from tokenizers import Tokenizer as RustTokenizer
-
-        tokenizer = TiktokenTokenizer("gpt2")
-        sample = "First Citizen:\nBefore we proceed any further, hear me speak. \u00e9\u20ac 123"
-        if RustTokenizer.from_file(str(tok_file)).encode(sample, add_special_tokens=False).ids != tokenizer.encode(sample):
-            try:
-                tokenizer = BPETokenizer(tok_file.read_text(encoding="utf-8"))
-            except ValueError:
-                raise ValueError(f"{tok_file} is neither a character vocabulary nor a byte-level BPE: cannot serve it") from None
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}")
+    tokenizer = tokenizer_from_hf_file(tok_file)
+    if not tokenizer.fits_model(model.config.vocab_size):
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model {model.config.vocab_size}")
     return model, tokenizer
 
 
@@ -350,48 +333,14 @@ def read_hf_directory(path: Path) -> tuple[GPT, Tokenizer]:
 
 
 def hf_tokenizer(tokenizer: Tokenizer, model_max_length: int | None = None):
-    """A transformers fast tokenizer encoding text to the same ids as `tokenizer`."""
+    """A transformers fast tokenizer encoding text to the same ids as `tokenizer` (its `hf_backend`)."""
     transformers = _require_transformers()
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as RustTokenizer
-
+    special = {}
+    if tokenizer.eot_text is not None:  # GPT-2's one end-of-text token serves as all three
+        special = {"bos_token": tokenizer.eot_text, "eos_token": tokenizer.eot_text, "unk_token": tokenizer.eot_text}
     extra = {} if model_max_length is None else {"model_max_length": model_max_length}
-    if isinstance(tokenizer, TiktokenTokenizer):
-        from transformers.convert_slow_tokenizer import TikTokenConverter
-
-        from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
-
-        enc = tokenizer.encoding
-        if enc.name not in ENCODING_CONSTRUCTORS:
-            raise ValueError(f"cannot export tiktoken encoding {enc.name!r}: only OpenAI's public encodings")
-        spec = ENCODING_CONSTRUCTORS[enc.name]()  # the constructor's arguments: pat_str, mergeable_ranks, ...
-
-        class RanksConverter(TikTokenConverter):
-            # the ranks tiktoken itself uses (from its cache), not a file looked up (or downloaded) again
-            def load_tiktoken_bpe(self, _vocab_file):
-                return spec["mergeable_ranks"]
-
-        backend = RanksConverter(vocab_file=enc.name, pattern=spec["pat_str"],
-                                 extra_special_tokens=spec["special_tokens"]).converted()
-        special = {}
-        if tokenizer.eot_id is not None:
-            eot = enc.decode([tokenizer.eot_id])
-            special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
-                                                    **special, **extra)
-    if isinstance(tokenizer, CharTokenizer):
-        backend = RustTokenizer(models.WordLevel({c: i for i, c in enumerate(tokenizer.chars)}, unk_token=None))
-        # every code point is its own piece ([\s\S] also matches newlines); decoding concatenates without spaces
-        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-        backend.decoder = decoders.Fuse()
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
-                                                    **extra)
-    if isinstance(tokenizer, BPETokenizer):
-        backend = RustTokenizer.from_str(tokenizer.spec)  # the trained tokenizer itself, merges and all
-        special = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT}
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
-                                                    **special, **extra)
-    raise ValueError(f"cannot export tokenizer {type(tokenizer).__name__}: expected a tiktoken, char or BPE tokenizer")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf_backend(),
+                                                clean_up_tokenization_spaces=False, **special, **extra)
 
 
 # --- export ----------------------------------------------------------------------------------------------
@@ -459,9 +408,11 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: b
     if next(model.parameters()).dtype == torch.float32:  # lower precisions would differ by rounding alone
         check_parity(model, hf_model)
     hf_tok = hf_tokenizer(tokenizer, model_max_length=model.config.block_size)
-    # write everything to a fresh folder first, so a failure never leaves a half-written export behind
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    # write everything to a staging folder beside `out` first (`.NAME.PID.tmp`, removed on failure and cleared as
+    # stale when its process is gone), so a failure never leaves a half-written export behind
+    staging = temporary_path(out)
+    remove_path(staging)
+    staging.mkdir(parents=True)
     try:
         hf_model.save_pretrained(staging, safe_serialization=True)
         hf_tok.save_pretrained(staging)
@@ -475,11 +426,9 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: b
             (out / stale).unlink(missing_ok=True)
         for stale in out.glob("model-*-of-*.safetensors"):
             stale.unlink()
-        for item in staging.iterdir():
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            shutil.move(str(item), str(target))
+        for item in staging.iterdir():  # each file replaced whole; other files in `out` are left alone
+            remove_path(out / item.name)
+            os.replace(item, out / item.name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_path(staging)
     return out

@@ -1,6 +1,6 @@
 """Loading a trained model (weights, config and tokenizer) from a Lightning checkpoint, safely.
 
-Also reads the transformers directories `python -m project export` writes (through project.hf, which
+Also reads the transformers directories `python -m project export` writes (through project.formats.hf, which
 knows that format both ways). Used by `generate`, `export`, `serve`, the notebooks, and (through
 `read_checkpoint`, called by the CLI before Lightning opens the file) by fit/validate/test/predict --ckpt_path.
 Distributed (DCP) checkpoint folders written under ModelParallelStrategy (configs/strategy/tp.yaml) are read
@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from project.hf import read_hf_directory
+from project.files import atomic_path
+from project.formats.hf import read_hf_directory
 from project.model import GPT, GPTConfig
-from project.tokenizer import CharTokenizer, Tokenizer, tokenizer_from_state
+from project.tokenizer import Tokenizer, tokenizer_from_state
 
 
 @dataclass
@@ -205,12 +206,11 @@ def check_checkpoint(checkpoint, path: Path) -> None:
         raise ValueError(f"checkpoint {path} does not match its stored config (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     if "tokenizer" in checkpoint:
-        tokenizer = tokenizer_from_state(checkpoint["tokenizer"]) if isinstance(checkpoint["tokenizer"], dict) else None
-        if tokenizer is None:
-            raise ValueError(f"checkpoint {path} has an unreadable tokenizer state")
-        fits = (tokenizer.vocab_size == config.vocab_size if isinstance(tokenizer, CharTokenizer)  # one id each
-                else tokenizer.vocab_size <= config.vocab_size)  # BPE: the model's vocabulary may be padded
-        if not fits:
+        try:
+            tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
+        except ValueError as err:
+            raise ValueError(f"checkpoint {path} has an unreadable tokenizer state ({err})") from None
+        if not tokenizer.fits_model(config.vocab_size):
             raise ValueError(f"checkpoint {path}: its tokenizer has {tokenizer.vocab_size} tokens but the model "
                              f"{config.vocab_size}: the checkpoint was edited or mixed up with another run's")
 
@@ -237,7 +237,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model.to(device).eval()
     metrics = {}
     for key, cb_state in checkpoint.get("callbacks", {}).items():
-        if key.startswith(("ModelCheckpoint", "GPTCheckpoint")) and cb_state.get("best_model_score") is not None:
+        if key.startswith("ModelCheckpoint") and cb_state.get("best_model_score") is not None:
             metrics[cb_state.get("monitor") or "best"] = float(cb_state["best_model_score"])
     return LoadedCheckpoint(model, tokenizer, Path(path), checkpoint.get("global_step", 0), metrics)
 
@@ -261,20 +261,15 @@ def consolidate_checkpoint(*, ckpt_path: str, out: str) -> Path:
     target = Path(out)
     if target.exists():
         raise FileExistsError(f"{target} exists; choose another --out or remove it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        dcp_to_torch_save(ckpt_path, tmp)  # every shard gathered: {"state_dict": ..., "optimizer_0": ...}
-        tensors = torch.load(tmp, map_location="cpu", weights_only=True)
+    with atomic_path(target) as staging:
+        dcp_to_torch_save(ckpt_path, staging)  # every shard gathered: {"state_dict": ..., "optimizer_0": ...}
+        tensors = torch.load(staging, map_location="cpu", weights_only=True)
         checkpoint = torch.load(Path(ckpt_path) / "meta.pt", map_location="cpu", weights_only=True)
         checkpoint["state_dict"] = tensors.pop("state_dict")
         n_optimizers = sum(key.startswith("optimizer_") for key in tensors)
         checkpoint["optimizer_states"] = [optimizer_state_by_position(tensors[f"optimizer_{i}"])
                                           for i in range(n_optimizers)]
-        torch.save(checkpoint, tmp)
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        torch.save(checkpoint, staging)
     return target
 
 
@@ -306,7 +301,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def load_model(path: str | Path, device: str = "cpu") -> LoadedCheckpoint:
     """A .ckpt file or distributed checkpoint folder, or a transformers directory written by
-    `python -m project export` (read by project.hf)."""
+    `python -m project export` (read by project.formats.hf)."""
     path = local_path(path)
     exported = any((path / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
     if path.is_dir() and not (path / ".metadata").exists() and exported:

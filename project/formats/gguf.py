@@ -2,7 +2,7 @@
 
     python -m project export --ckpt_path runs/.../last.ckpt --out gguf_model --format gguf [--dtype f32|f16|q8_0]
 
-The two recipes `project.hf` exports map onto llama.cpp architectures of the same name:
+The two recipes `project.formats.hf` exports map onto llama.cpp architectures of the same name:
 
 - GPT-2 (learned positions, layernorm, tanh GELU, bias, MHA) -> `gpt2`: q, k, v are fused into one `attn_qkv`
   (our nn.Linear weights are already llama.cpp's (out, in) layout; only HF's Conv1D needed a transpose).
@@ -14,7 +14,7 @@ Tensor names come from the `gguf` package's own name table (`gguf.TENSOR_NAMES`)
 `LLAMA_TENSORS` say which of our parameters fill which tensor, and how. A tied head is not written: llama.cpp
 reads `token_embd` as the output matrix when `output` is absent.
 
-Tokenizer: BPE vocabularies (GPT-2's, or any byte-level BPE whose tokenizer.json `project.hf.hf_tokenizer`
+Tokenizer: BPE vocabularies (GPT-2's, or any byte-level BPE whose tokenizer.json the tokenizer's `hf_backend`
 builds) are written as llama.cpp's `gpt2` tokenizer: the vocabulary, merges and token types of that
 tokenizer.json. The character tokenizer becomes llama.cpp's `rwkv` tokenizer (greedy longest match over raw
 bytes, no special tokens): every character is one token, so the ids are exactly ours. A BPE-style `gpt2`
@@ -28,7 +28,6 @@ values; a matrix whose rows are not falls back to f16.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +37,11 @@ import numpy as np
 import torch
 
 from project.generate import GenerationSettings
-from project.hf import hf_family, hf_tokenizer
+from project.extras import require_extra
+from project.files import atomic_path, atomic_write
+from project.formats.hf import hf_family
 from project.model import GPT, GPTConfig
-from project.tokenizer import CharTokenizer, Tokenizer
+from project.tokenizer import Tokenizer
 
 GGUFDtype = Literal["f32", "f16", "q8_0"]  # weight precisions written
 GGUF_DTYPES = get_args(GGUFDtype)
@@ -49,11 +50,7 @@ MODELFILE = "Modelfile"
 
 
 def _require_gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("GGUF export needs the gguf package: pip install 'project[export]'") from None
-    return gguf
+    return require_extra("gguf", "export", "GGUF export")
 
 
 # --- architecture mapping -------------------------------------------------------------------------------
@@ -180,17 +177,18 @@ def rwkv_escape(text: str) -> str:
     return "".join(escaped)
 
 
-def char_vocab(tokenizer: CharTokenizer, vocab_size: int) -> GGUFVocab:
+def char_vocab(tokenizer: Tokenizer, vocab_size: int) -> GGUFVocab:
+    """Each token's own text, escaped as llama.cpp's rwkv tokenizer reads it (one character per token)."""
     gguf = _require_gguf()
-    tokens = [rwkv_escape(c) for c in tokenizer.chars]
+    tokens = [rwkv_escape(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)]
     types = [int(gguf.TokenType.NORMAL)] * len(tokens)
     return _padded(GGUFVocab("rwkv", tokens, types, []), vocab_size)
 
 
 def bpe_vocab(tokenizer: Tokenizer, vocab_size: int) -> GGUFVocab:
-    """Vocabulary, merges and token types of the tokenizer.json that `project.hf.hf_tokenizer` builds."""
+    """Vocabulary, merges and token types of the tokenizer's Hugging Face backend (its tokenizer.json)."""
     gguf = _require_gguf()
-    backend = hf_tokenizer(tokenizer).backend_tokenizer
+    backend = tokenizer.hf_backend()
     spec = json.loads(backend.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
@@ -230,11 +228,12 @@ def _padded(vocab: GGUFVocab, vocab_size: int) -> GGUFVocab:
     return vocab
 
 
+VOCAB_BUILDERS = {"rwkv": char_vocab, "gpt2": bpe_vocab}  # llama.cpp tokenizer model -> how to write it
+
+
 def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> GGUFVocab:
-    """The tokenizer in llama.cpp's terms: characters -> `rwkv`, byte-level BPE -> `gpt2`, else ValueError."""
-    if isinstance(tokenizer, CharTokenizer):
-        return char_vocab(tokenizer, vocab_size)
-    return bpe_vocab(tokenizer, vocab_size)
+    """The tokenizer in llama.cpp's terms, by the model that reproduces its ids (`Tokenizer.gguf_model`)."""
+    return VOCAB_BUILDERS[tokenizer.gguf_model](tokenizer, vocab_size)
 
 
 # --- writing ---------------------------------------------------------------------------------------------
@@ -265,15 +264,9 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = 
     arch = gguf_architecture(config)
     vocab = gguf_vocab(tokenizer, config.vocab_size)  # refuses an unsupported tokenizer before any writing
     tensors = gguf_tensors(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")  # a failure never leaves a half-written file at `path`
-    try:
-        _write_contents(gguf.GGUFWriter(partial, arch), arch, config, vocab, tensors, dtype, name)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as staging:  # a failure never leaves a half-written file at `path`
+        _write_contents(gguf.GGUFWriter(staging, arch), arch, config, vocab, tensors, dtype, name)
+    return Path(path)
 
 
 def _write_contents(writer, arch: str, config: GPTConfig, vocab: GGUFVocab, tensors: dict[str, torch.Tensor],
@@ -360,6 +353,5 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, dtype: str
     check_gguf_output(out, overwrite)
     gguf_path, modelfile_path = gguf_outputs(out)
     write_gguf(model, tokenizer, gguf_path, dtype=dtype, name=Path(out).resolve().name)
-    eot_text = tokenizer.decode([tokenizer.eot_id]) if tokenizer.eot_id is not None else None
-    modelfile_path.write_text(modelfile_text(gguf_path.name, model.config, eot_text))
+    atomic_write(modelfile_path, modelfile_text(gguf_path.name, model.config, tokenizer.eot_text))
     return gguf_path

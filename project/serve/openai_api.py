@@ -43,8 +43,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from project.checkpoint import LoadedCheckpoint
-from project.generate import GenerationSettings, request_model, stream, validate_sampling
+from project.formats.checkpoint import LoadedCheckpoint
+from project.generate import GenerationSettings, InvalidSetting, request_model, stream
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ MAX_STOP_STRINGS = 4  # as the OpenAI API allows
 MAX_TEMPERATURE = 2.0
 SPEECH_END = "\n\n"  # a blank line ends a speech in the chat template
 ROLE_SPEAKERS = {"system": "SYSTEM", "developer": "SYSTEM", "user": "USER", "assistant": "ASSISTANT"}
+API_PARAMS = {"max_new_tokens": "max_tokens"}  # GenerationSettings field -> the API's name, where they differ
 
 
 class APIError(Exception):
@@ -156,15 +157,12 @@ class Generator:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
             raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
-        if body.seed is not None and body.seed < 0:
-            raise APIError(400, f"seed must be >= 0, got {body.seed}", param="seed")
-        top_p = None if body.top_p in (None, 1) else body.top_p
         try:
-            validate_sampling(temperature, None, top_p, max_tokens)
-        except ValueError as err:
-            raise APIError(400, str(err), param="top_p") from None
-        return GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_k=None, top_p=top_p,
-                                  seed=body.seed, stop=[s for s in stop + extra_stop if s])
+            return GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_k=None,
+                                      top_p=None if body.top_p in (None, 1) else body.top_p, seed=body.seed,
+                                      stop=[s for s in stop + extra_stop if s])
+        except InvalidSetting as err:
+            raise APIError(400, str(err), param=API_PARAMS.get(err.field, err.field)) from None
 
     def pieces(self, prompt: str, settings: GenerationSettings) -> Iterator[str]:
         """The completion's text pieces; every decoding step holds the lock, waiting for the client does not."""

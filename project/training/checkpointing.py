@@ -1,0 +1,120 @@
+"""Checkpoints that resume exactly: the newest state as last.ckpt, files written atomically, RNG states kept.
+
+The best checkpoint by val/loss is Lightning's own ModelCheckpoint (configured by the CLI as `--checkpoint.*`);
+`LatestCheckpoint` (`--last_checkpoint.*`) keeps last.ckpt beside it: every N optimizer steps, at the end of
+training (max_steps or max_time) and when training is interrupted (Ctrl-C, an error), so `--ckpt_path last`
+continues where the run stopped. `AtomicCheckpointIO` writes every file through project.files, `RandomState` carries the
+random streams (torch, numpy, Python, CUDA) so dropout continues the same sequence after a resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+
+from project.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+class LatestCheckpoint(Callback):
+    """last.ckpt beside the best checkpoint: the newest training state, refreshed every `every_n_train_steps`
+    optimizer steps, when training ends (max_steps or max_time) and, with `save_on_exception`, when training
+    stops on Ctrl-C or an error. Written with `Trainer.save_checkpoint`, so it holds exactly what Lightning's own
+    checkpoints hold (optimizer, schedule, loop and callback states) and goes through the CheckpointIO plugin.
+
+    Args:
+        every_n_train_steps: refresh last.ckpt every this many optimizer steps (None: only at the end).
+        save_on_exception: save when training is interrupted, so `--ckpt_path last` resumes there.
+    """
+
+    FILENAME = "last.ckpt"
+
+    def __init__(self, every_n_train_steps: int | None = 100, save_on_exception: bool = True) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"--last_checkpoint.every_n_train_steps must be >= 1 (or null: only at the end), got "
+                             f"{every_n_train_steps}")
+        self.every_n_train_steps, self.save_on_exception = every_n_train_steps, save_on_exception
+        self.saved_step: int | None = None
+        self.path: Path | None = None
+
+    def save(self, trainer: Trainer) -> None:
+        """Write last.ckpt into the best checkpoint's folder (every rank takes part), once per step."""
+        best = trainer.checkpoint_callback
+        if best is None or best.dirpath is None or self.saved_step == trainer.global_step or trainer.fast_dev_run:
+            return  # checkpointing is off, or this step is saved already
+        self.path = Path(best.dirpath) / self.FILENAME
+        trainer.save_checkpoint(self.path)
+        self.saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        n = self.every_n_train_steps
+        if n and trainer.global_step % n == 0 and trainer.global_step > 0:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step > 0:
+            self.save(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not self.save_on_exception or trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
+            return  # nothing trained: no checkpoint to write (and none in a validate/test/predict run's folder)
+        self.save(trainer)
+        if trainer.is_global_zero and self.path is not None:
+            why = "interrupted" if isinstance(exception, KeyboardInterrupt) else f"stopped by {type(exception).__name__}"
+            log.info("%s at step %d: saved %s; resume with --ckpt_path last", why, trainer.global_step, self.path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint file atomically (project.files.atomic_path): a kill mid-write leaves the previous
+    complete file. Distributed (DCP) folders are written by the strategy itself, not through this plugin."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        with atomic_path(path) as staging:
+            super().save_checkpoint(checkpoint, staging, storage_options)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = None) -> dict:
+        """Lightning's resume reads through here: weights only, whatever --weights_only says (the CLI refuses
+        false, and has checked the file with project.formats.checkpoint.read_checkpoint)."""
+        return super().load_checkpoint(path, map_location, weights_only=True)
+
+
+class RandomState(Callback):
+    """Stores the random states of torch, numpy and Python (and CUDA) in each checkpoint and restores them on
+    resume, so dropout and anything else random continue the same stream."""
+
+    def state_dict(self) -> dict:
+        return rng_states()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            set_rng_states(state_dict)
+
+
+def rng_states() -> dict:
+    """The random states of torch, numpy, Python (and CUDA), in types `torch.load(weights_only=True)` reads."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()  # numpy arrays would need pickle: store a tensor
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what `rng_states` returned (CUDA states only where CUDA is available)."""
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+    if "torch.cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])

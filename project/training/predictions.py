@@ -1,0 +1,55 @@
+"""`predict`'s output: one JSON line per completion (prompt, completion, settings)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+log = logging.getLogger(__name__)
+completions_log = logging.getLogger("project.completions")  # the command line prints these to stdout
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write each completion as a JSON line (prompt, completion, settings), and log it for the console.
+
+    Args:
+        output_path: the JSONL file; None writes predictions.jsonl into the run's log directory. An existing
+            file is never overwritten.
+        print_to_stdout: also show each prompt and completion on the console (logger "project.completions").
+    """
+
+    def __init__(self, output_path: str | None = None, print_to_stdout: bool = True) -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = Path(output_path) if output_path else None
+        self.print_to_stdout = print_to_stdout
+
+    def resolve_path(self, trainer: Trainer) -> Path:
+        return self.output_path or Path(trainer.log_dir or ".") / "predictions.jsonl"
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        path = self.resolve_path(trainer)
+        if trainer.is_global_zero and path.exists():
+            raise FileExistsError(f"{path} exists; choose another --predictions.output_path or remove it")
+        blocking = next((parent for parent in path.parents if parent.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise NotADirectoryError(f"--predictions.output_path {path}: {blocking} is a file, not a folder")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if not trainer.is_global_zero:  # under tensor parallelism every rank holds the same outputs
+            return
+        path = self.resolve_path(trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            for record in prediction:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.print_to_stdout:
+            for record in prediction:
+                completions_log.info("%s%s\n%s", record["prompt"], record["completion"], "-" * 40)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero:
+            log.info("predictions written to %s", self.resolve_path(trainer))
