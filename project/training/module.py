@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
@@ -181,5 +183,26 @@ class GPTModule(LightningModule):
         optimizer, scheduler = build_optimizer(
             self.model, self.optimizer_settings, total_steps=self.trainer.estimated_stepping_batches,
             fused=self.device.type in ("cuda", "cpu") and not loss_scaled, sharded=self.device_mesh is not None,
+            time_fraction=budget_fraction(self.trainer),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def budget_fraction(trainer) -> Callable[[], float] | None:
+    """With `--trainer.max_time`, a function giving the share of that budget used so far (0 to 1), read from the
+    Trainer's Timer callback, the clock that stops the run; None without a time limit.
+
+    The schedule follows whichever runs out first, steps or time (`build_optimizer`), so a run stopped by the
+    clock ends at the floor learning rate instead of near its peak: on a slow or busy machine the last
+    checkpoint is then the best the budget allows. A resumed run continues the clock where it stopped.
+    """
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is None or timer.time_remaining() is None:
+        return None
+
+    def fraction() -> float:
+        elapsed = timer.time_elapsed()  # the training stage, resumed time included
+        budget = elapsed + timer.time_remaining()
+        return min(1.0, elapsed / budget) if budget > 0 else 1.0
+
+    return fraction
