@@ -9,18 +9,19 @@ project/commands.py dispatches to `run_lightning` and turns the errors raised he
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning.pytorch.callbacks import ModelCheckpoint
-
+from project.commands import PROG, OneLineErrors
 from project.data.datamodule import TextDataModule
 from project.formats.checkpoint import read_checkpoint
+from project.formats.runs import CHECKPOINTS, WHICH, checkpoint_in, find_checkpoint
 from project.model import GPTConfig, architecture_fields
 from project.tokenizer import spec_kind
 from project.training.checkpointing import LatestCheckpoint
@@ -29,18 +30,14 @@ from project.training.monitoring import TextSampleCallback, TokenThroughput
 from project.training.nan_guard import NonFiniteLossGuard
 from project.training.optim import OptimizerSettings
 from project.training.predictions import PredictionWriter
+from project.training.report import FitReport, fit_report
 
 log = logging.getLogger(__name__)
 
-PROG = "python -m project"  # the name usage lines show (the `gpt` script runs the same commands)
 
-
-class OneLineErrorParser(LightningArgumentParser):
+class OneLineErrorParser(OneLineErrors, LightningArgumentParser):
     """Argument errors end stderr with one line (`error: Parser key "model.config.n_layer": Expected ...`),
-    for LightningCLI's commands and the project's own alike."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        return super().error(" ".join(str(message).split()), ex)
+    for LightningCLI's commands as for the project's own."""
 
 
 class GPTCLI(LightningCLI):
@@ -55,8 +52,6 @@ class GPTCLI(LightningCLI):
             "checkpoint.filename": "best-step{step}", "checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(TextSampleCallback, "samples")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -80,8 +75,8 @@ class GPTCLI(LightningCLI):
         if config.get("weights_only") is False:
             raise ValueError("--weights_only false would let the checkpoint run code when unpickled: this project "
                              "loads weights only; drop the flag")
-        if config.ckpt_path == "last":
-            resolve_last_checkpoint(config)
+        if config.ckpt_path in WHICH:
+            resolve_named_checkpoint(config, subcommand)
         # a missing, truncated, foreign or crafted file: one-line error here, before anything is built
         self.checkpoint = read_checkpoint(config.ckpt_path)
         check_architecture(config, self.checkpoint, config.ckpt_path)
@@ -95,8 +90,17 @@ class GPTCLI(LightningCLI):
         checkpoint, so resuming or predicting needs no corpus; so does a `bpe:N` model's tokenizer when predicting."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         add_step_progress_bar(config.trainer)
-        add_callback(config.trainer, "project.training.run_folder.RunFolderGuard")  # one writer; no empty folder
         add_callback(config.trainer, "project.training.checkpointing.RandomState")  # dropout resumes exactly
+        if self.subcommand == "fit":
+            add_callback(config.trainer, "project.training.run_folder.RunFolderGuard")  # one writer; no empty folder
+            add_callback(config.trainer, "project.training.report.RunReport")  # what `fit` prints at the end
+        else:
+            # validate/test/predict print their results (and predict writes JSON lines beside the checkpoint's run):
+            # a TensorBoard folder of their own would be a newer, checkpoint-less version_N beside the training run
+            config.trainer.logger = False
+            self.save_config_callback = None
+            if config.get("ckpt_path") and not config.get("checkpoint.dirpath"):  # where the best checkpoint's state
+                config.checkpoint.dirpath = str(Path(config.ckpt_path).parent)  # says it is: Lightning warns otherwise
         if getattr(self, "compile", None) is not None:
             config.model.compile = self.compile
         ckpt_path = config.get("ckpt_path")
@@ -111,6 +115,10 @@ class GPTCLI(LightningCLI):
             config.data.vocabulary = state["chars"]
         elif state.get("kind") == "bpe" and config.data.tokenizer != "char":
             config.data.vocabulary = state["tokenizer_json"]
+
+
+    def after_fit(self) -> None:
+        self.report = fit_report(self.trainer)
 
 
 def add_step_progress_bar(trainer_config) -> None:
@@ -228,49 +236,70 @@ def check_resume_settings(config, checkpoint: dict, ckpt_path: str) -> None:
                          "and --model.compile)")
 
 
-def resolve_last_checkpoint(config) -> None:
-    """`--ckpt_path last`: the newest last.ckpt of this logger name (runs/<name>/version_*/checkpoints).
+def resolve_named_checkpoint(config, subcommand: str) -> None:
+    """`--ckpt_path last|best`: that checkpoint of the newest run of this config's logger (project.formats.runs),
+    or, with --checkpoint.dirpath, in that folder.
 
-    Lightning's own "last" looks in the new run's (empty) version folder; this one finds the interrupted run,
-    and sets the logger's version to it so the resumed run's curves continue in the same folder.
+    Lightning's own "last" looks in the new run's (empty) version folder; this one finds the newest run, and for
+    `fit` sets the logger's version to it, so the resumed run's curves and checkpoints continue in the same folder.
     """
+    which = config.ckpt_path
     dirpath = config.get("checkpoint.dirpath")
     init = logger_init_args(config)
     if dirpath:
-        candidates = [Path(dirpath) / "last.ckpt"]
+        path = checkpoint_in(Path(dirpath), which)
     elif init is not None and init.get("save_dir") is not None and init.get("name") is not None:
-        candidates = list(Path(init.save_dir, init.name).glob("version_*/checkpoints/last.ckpt"))
-    else:
-        root = config.trainer.get("default_root_dir") or "."
-        candidates = [Path(root) / "checkpoints" / "last.ckpt"]
-    candidates = [p for p in candidates if p.is_file()]
-    if not candidates:
-        where = dirpath or (Path(init.save_dir, init.name, "version_*", "checkpoints") if init else "checkpoints")
-        raise FileNotFoundError(
-            f"--ckpt_path last: no last.ckpt under {where}: train first (without --ckpt_path), "
-            "or pass --ckpt_path path/to/file.ckpt"
-        )
-    newest = max(candidates, key=lambda p: (p.stat().st_mtime, p.parent.parent.name))
-    config.ckpt_path = str(newest)
-    version = newest.parent.parent.name.removeprefix("version_")
-    if not dirpath and init is not None and "version" in init and version.isdigit():
+        path = find_checkpoint(which, init.save_dir, init.name)
+    else:  # no logger: ModelCheckpoint writes to <default_root_dir>/checkpoints
+        path = checkpoint_in(Path(config.trainer.get("default_root_dir") or ".") / CHECKPOINTS, which)
+    config.ckpt_path = str(path)
+    version = path.parent.parent.name.removeprefix("version_") if path.parent.name == CHECKPOINTS else ""
+    if subcommand == "fit" and not dirpath and init is not None and "version" in init and version.isdigit():
         init.version = int(version)  # log into the resumed run's folder (its checkpoints dir included)
-    log.info("resuming from %s", newest)
+    log.info("%s %s", "resuming from" if subcommand == "fit" else "checkpoint:", path)
 
 
-def run_lightning(args: list[str] | None) -> None:
-    """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv)."""
-    GPTCLI(
+def quiet_library_noise() -> None:
+    """Silence, narrowly, what Lightning and torch print on every run that a user can do nothing about."""
+    # Lightning 2.6's own pytree helper builds torch's LeafSpec, which torch 2.13 deprecates (fixed in Lightning,
+    # not by anything a user of this project changes)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    # LatestCheckpoint rewrites a distributed run's last.ckpt folder in place, on purpose; torch warns at each save
+    warnings.filterwarnings("ignore", message=r"Detected an existing checkpoint in .*overwriting since", category=UserWarning)
+    # Lightning advertises its cloud logger at the start of every run
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, DropAdvert) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(DropAdvert())
+
+
+class DropAdvert(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... litlogger" line (a product advert, not information about the run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def run_lightning(args: list[str] | None, descriptions: dict[str, str] | None = None) -> FitReport | None:
+    """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv); `fit` returns its FitReport.
+
+    `descriptions`: the text each subcommand's --help opens with.
+    """
+    quiet_library_noise()
+    cli = GPTCLI(
         GPTModule,
         TextDataModule,
         args=args,
         trainer_defaults={
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "logger": {"class_path": "project.training.monitoring.RunLogger",
                        "init_args": {"save_dir": "runs", "name": "gpt"}},
             "gradient_clip_val": 1.0,
             "plugins": [{"class_path": "project.training.checkpointing.AtomicCheckpointIO"}],  # files written atomically
+            "enable_model_summary": False,  # RunReport's start line says the size; Lightning's table mis-sizes bf16
         },
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,
-        parser_kwargs={"default_env": False, "prog": PROG},
+        parser_kwargs={"default_env": False, "prog": PROG,
+                       **{name: {"description": text} for name, text in (descriptions or {}).items()}},
     )
+    return getattr(cli, "report", None)

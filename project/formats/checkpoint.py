@@ -39,7 +39,9 @@ class LoadedCheckpoint:
     tokenizer: Tokenizer
     path: Path
     global_step: int = 0
-    metrics: dict = field(default_factory=dict)  # e.g. best val/loss recorded by ModelCheckpoint
+    metrics: dict = field(default_factory=dict)  # the latest validation's val/loss, val/bpb..., and "best val/loss"
+    split: dict = field(default_factory=dict)  # how training split its corpus (project.data.corpus.Split's fields)
+    training_lines: torch.Tensor | None = None  # the training text's fingerprint (project.data.overlap)
 
 
 # What a DCP folder's .metadata may name: torch writes (and reads) it with plain pickle, so it is unpickled
@@ -235,11 +237,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model = GPT(config)
     model.load_state_dict(model_state_dict(checkpoint), strict=False)  # only a tied lm_head.weight is missing
     model.to(device).eval()
-    metrics = {}
+    stored = checkpoint.get("metrics")  # the latest validation's val/loss, val/ppl, val/bpb (GPTModule)
+    metrics = {k: float(v) for k, v in stored.items() if isinstance(v, (int, float))} if isinstance(stored, dict) else {}
     for key, cb_state in checkpoint.get("callbacks", {}).items():
         if key.startswith("ModelCheckpoint") and cb_state.get("best_model_score") is not None:
-            metrics[cb_state.get("monitor") or "best"] = float(cb_state["best_model_score"])
-    return LoadedCheckpoint(model, tokenizer, Path(path), checkpoint.get("global_step", 0), metrics)
+            metrics[f"best {cb_state.get('monitor') or 'score'}"] = float(cb_state["best_model_score"])
+    text = checkpoint.get("training_text") if isinstance(checkpoint.get("training_text"), dict) else {}
+    lines = text.get("lines")
+    lines = lines if isinstance(lines, torch.Tensor) and lines.dtype == torch.int64 and lines.dim() == 1 else None
+    split = {k: float(v) for k, v in text["split"].items() if k in ("val_fraction", "test_fraction")
+             and isinstance(v, (int, float))} if isinstance(text.get("split"), dict) else {}
+    return LoadedCheckpoint(model, tokenizer, Path(path), checkpoint.get("global_step", 0), metrics, split, lines)
 
 
 def consolidate_checkpoint(*, ckpt_path: str, out: str) -> Path:

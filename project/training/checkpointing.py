@@ -51,7 +51,7 @@ class LatestCheckpoint(Callback):
         if best is None or best.dirpath is None or self.saved_step == trainer.global_step or trainer.fast_dev_run:
             return  # checkpointing is off, or this step is saved already
         self.path = Path(best.dirpath) / self.FILENAME
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole state (Lightning logs a line when unsaid)
         self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
@@ -69,7 +69,11 @@ class LatestCheckpoint(Callback):
         self.save(trainer)
         if trainer.is_global_zero and self.path is not None:
             why = "interrupted" if isinstance(exception, KeyboardInterrupt) else f"stopped by {type(exception).__name__}"
-            log.info("%s at step %d: saved %s; resume with --ckpt_path last", why, trainer.global_step, self.path)
+            facts = [f"{trainer.global_step:,} of {trainer.max_steps:,} steps done"] if trainer.max_steps > 0 else []
+            facts += [f"last validation {name} {float(trainer.callback_metrics[name]):.4f}"
+                      for name in ("val/loss", "val/bpb") if name in trainer.callback_metrics]
+            log.info("%s at step %d: saved %s (%s); to continue, run the same command with --ckpt_path last", why,
+                     trainer.global_step, self.path, ", ".join(facts) or "no validation yet")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

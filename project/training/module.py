@@ -19,6 +19,7 @@ from project.tokenizer import Tokenizer, tokenizer_from_state
 from project.training.optim import OptimizerSettings, build_optimizer
 
 TRAIN_LOSS, VAL_LOSS, VAL_PPL, VAL_BPB = "train/loss", "val/loss", "val/ppl", "val/bpb"
+LEARNING_RATES = {"decay": "train/lr", "muon": "train/lr_muon"}  # param group name -> tag (no_decay shares decay's)
 
 
 class GPTModule(LightningModule):
@@ -60,6 +61,7 @@ class GPTModule(LightningModule):
             load_hf_weights(self.model, init_from)  # ValueError naming the HF config when it does not match
         self.tokenizer: Tokenizer | None = None  # from the data module, or restored from a checkpoint
         self.bytes_per_token: dict[str, float] = {}  # per evaluation split, for bits per byte
+        self.training_text: dict = {}  # the corpus's Split and the training split's fingerprint, for checkpoints
         self.eval_loss = MeanMetric()
         self.eval_ppl = Perplexity()
 
@@ -87,12 +89,20 @@ class GPTModule(LightningModule):
             self.tokenizer = datamodule.tokenizer
             splits = ("val",) if stage != "test" else ("test",)
             self.bytes_per_token.update({split: datamodule.bytes_per_token(split) for split in splits})
+        if datamodule is not None and stage == "fit":
+            lines = datamodule.training_fingerprint()
+            self.training_text = {"split": asdict(datamodule.split), **({"lines": lines} if lines is not None else {})}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.state_dict()
         if self.bytes_per_token:
             checkpoint["bytes_per_token"] = dict(self.bytes_per_token)
+        if self.training_text:  # how the corpus was split, and what the model trained on (`evaluate` checks it)
+            checkpoint["training_text"] = self.training_text
+        # the latest validation's figures, so a loaded checkpoint can say how good it is (the app's model table)
+        logged = self.trainer.callback_metrics
+        checkpoint["metrics"] = {name: float(logged[name]) for name in (VAL_LOSS, VAL_PPL, VAL_BPB) if name in logged}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "tokenizer" in checkpoint:
@@ -121,7 +131,16 @@ class GPTModule(LightningModule):
         x, y = batch
         loss = self.loss(self(x), y)
         self.log(TRAIN_LOSS, loss, prog_bar=True)
+        self.log_learning_rates()
         return loss
+
+    def log_learning_rates(self) -> None:
+        """train/lr (AdamW's) and, with Muon, train/lr_muon: the rates this step uses, beside the loss in
+        TensorBoard's `train` group."""
+        for group in self.optimizers().param_groups:
+            tag = LEARNING_RATES.get(group.get("name"))
+            if tag is not None:
+                self.log(tag, group["lr"])
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -134,12 +153,15 @@ class GPTModule(LightningModule):
 
     def log_evaluation(self, split: str) -> None:
         """Log <split>/loss, <split>/ppl and <split>/bpb (bits per byte of the text) for the epoch, then reset."""
-        loss = self.eval_loss.compute()  # already reduced over ranks: torchmetrics syncs its states
-        self.log(f"{split}/loss", loss, prog_bar=split == "val")
-        self.log(f"{split}/ppl", self.eval_ppl.compute())
+        # torchmetrics has reduced these over the ranks already, so every rank logs the same value; sync_dist
+        # averages those equal values, which changes nothing and tells Lightning they are global (it warns otherwise)
+        loss = self.eval_loss.compute()
+        self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=True)
+        self.log(f"{split}/ppl", self.eval_ppl.compute(), sync_dist=True)
         if self.bytes_per_token.get(split):
             # nats/token -> bits/token -> bits/byte of the original text: comparable across tokenizers
-            self.log(f"{split}/bpb", loss / math.log(2) / self.bytes_per_token[split], prog_bar=split == "val")
+            self.log(f"{split}/bpb", loss / math.log(2) / self.bytes_per_token[split], prog_bar=split == "val",
+                     sync_dist=True)
         self.eval_loss.reset()
         self.eval_ppl.reset()
 

@@ -1,4 +1,5 @@
-"""Watching a run: a text sample after each validation, tokens/s and MFU, and a progress bar counted in steps."""
+"""Watching a run: a text sample after each validation, tokens/s and MFU, TensorBoard events by step, and a
+progress bar counted in steps."""
 
 from __future__ import annotations
 
@@ -149,6 +150,23 @@ class TokenThroughput(Callback):
             pl_module.log(MFU, metrics["device/mfu"], rank_zero_only=True)
 
 
+class RunLogger(TensorBoardLogger):
+    """TensorBoard events of a run, by optimizer step: the configs' logger.
+
+    Lightning's TensorBoardLogger with two series left out that only look like results: `epoch` (added to every
+    logging call, flat at 0 for a step-bound run over an endless stream) and the placeholder `hp_metric` (-1). So
+    TensorBoard opens on the `train` group (loss, learning rates, tokens/s) and `val` (loss, ppl, bits per byte).
+    """
+
+    def __init__(self, save_dir: str = "runs", name: str | None = "gpt", version: int | str | None = None,
+                 default_hp_metric: bool = False, **kwargs) -> None:
+        super().__init__(save_dir, name=name, version=version, default_hp_metric=default_hp_metric, **kwargs)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+
 class StepProgressBar(TQDMProgressBar):
     """The training bar of a step-bound run (max_steps set, max_epochs not): optimizer steps out of max_steps,
     the training loss and tokens/s, instead of Lightning's per-epoch batches and logger version (v_num).
@@ -161,12 +179,16 @@ class StepProgressBar(TQDMProgressBar):
     def step_bound(trainer: Trainer) -> bool:
         return trainer.max_epochs in (None, -1) and trainer.max_steps > 0
 
+    @property
+    def train_description(self) -> str:
+        return "Training steps" if self.step_bound(self.trainer) else super().train_description
+
     def on_train_epoch_start(self, trainer: Trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        if self.step_bound(trainer):
-            self.train_progress_bar.reset(total=trainer.max_steps)
-            self.train_progress_bar.update(trainer.global_step)  # a resumed run starts where it stopped
-            self.train_progress_bar.set_description("Training steps")
+        if not self.step_bound(trainer):
+            return super().on_train_epoch_start(trainer, *args)
+        # one bar for the whole run, never redrawn as Lightning's "Epoch 0: 0/N" first
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.update(trainer.global_step)  # a resumed run starts where it stopped
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if not self.step_bound(trainer):

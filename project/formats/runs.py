@@ -1,0 +1,77 @@
+"""Where training runs keep their checkpoints, and `--ckpt_path last|best` resolved the same way by every command.
+
+`fit` writes each run to `<runs>/<name>/version_N/` (TensorBoard's layout) with its checkpoints in
+`checkpoints/`: `last.ckpt`, the newest training state, and `best-step<S>.ckpt`, the lowest val/loss so far. A
+distributed run writes each as a folder of the same name.
+
+    --ckpt_path last    the newest run's last.ckpt
+    --ckpt_path best    the newest run's best checkpoint
+
+"The newest run" is the run folder holding the most recently written checkpoint, under `runs/` of the current
+directory (every run name) for generate, predict, export, serve, evaluate and consolidate; `fit --ckpt_path last`
+looks under its own logger's folder (`runs/<name>`), and continues that run. Folders without checkpoints (a run
+that has not saved yet) are never chosen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+RUNS_DIR = "runs"  # the logger's save_dir unless a config says otherwise
+CHECKPOINTS = "checkpoints"
+LAST = "last.ckpt"
+BEST_PATTERN = "best*.ckpt"
+Which = Literal["last", "best"]
+WHICH = ("last", "best")
+
+
+def run_checkpoints(run: Path) -> list[Path]:
+    """The checkpoints (files or distributed folders) a run folder holds."""
+    folder = run / CHECKPOINTS
+    return [p for p in folder.glob("*.ckpt")] if folder.is_dir() else []
+
+
+def newest_run(runs: Path, name: str | None = None) -> Path | None:
+    """The run folder (`<runs>/<name>/version_N`; any name when `name` is None) whose newest checkpoint is the most
+    recently written, or None when no run holds a checkpoint."""
+    pattern = f"{name}/version_*" if name is not None else "*/version_*"
+    written = {run: max(p.stat().st_mtime for p in checkpoints)
+               for run in runs.glob(pattern) if (checkpoints := run_checkpoints(run))}
+    return max(written, key=lambda run: (written[run], run.name)) if written else None
+
+
+def find_checkpoint(which: Which, runs: str | Path = RUNS_DIR, name: str | None = None) -> Path:
+    """The newest run's last.ckpt (`which="last"`) or best checkpoint (`"best"`), or FileNotFoundError saying
+    what is missing and what to pass instead."""
+    runs = Path(runs)
+    run = newest_run(runs, name)
+    if run is None:
+        where = runs / (name or "*") / "version_*" / CHECKPOINTS
+        raise FileNotFoundError(f"--ckpt_path {which}: no checkpoint under {where}: train first (python -m project "
+                                "fit ...), run the command where runs/ is, or pass --ckpt_path path/to/file.ckpt")
+    return checkpoint_in(run / CHECKPOINTS, which)
+
+
+def checkpoint_in(folder: Path, which: Which) -> Path:
+    """last.ckpt, or the best checkpoint (with save_top_k > 1: the latest written of them), in a checkpoints
+    folder; FileNotFoundError when it has none yet."""
+    if which == "last":
+        path = folder / LAST
+        if not path.exists():
+            raise FileNotFoundError(f"--ckpt_path last: {folder} has no {LAST}: pass --ckpt_path best or a "
+                                    "checkpoint path")
+        return path
+    best = list(folder.glob(BEST_PATTERN))
+    if not best:
+        raise FileNotFoundError(f"--ckpt_path best: {folder} has no best checkpoint yet (one is written at each "
+                                "validation): pass --ckpt_path last")
+    return max(best, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def resolve_checkpoint(ckpt_path: str | Path, runs: str | Path = RUNS_DIR, name: str | None = None) -> Path:
+    """`ckpt_path` as a path: `last` and `best` become the newest run's checkpoint (`find_checkpoint`); any
+    other value is returned as it is (the reader checks it)."""
+    if str(ckpt_path) in WHICH:
+        return find_checkpoint(str(ckpt_path), runs, name)
+    return Path(ckpt_path)
