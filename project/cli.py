@@ -99,8 +99,9 @@ class GPTCLI(LightningCLI):
             # a TensorBoard folder of their own would be a newer, checkpoint-less version_N beside the training run
             config.trainer.logger = False
             self.save_config_callback = None
-            if config.get("ckpt_path") and not config.get("checkpoint.dirpath"):  # where the best checkpoint's state
-                config.checkpoint.dirpath = str(Path(config.ckpt_path).parent)  # says it is: Lightning warns otherwise
+            # these commands never write a checkpoint, so where the training run's ModelCheckpoint wrote (stored in
+            # the checkpoint, relative to where it ran) does not matter; Lightning warns that it differs from ours
+            warnings.filterwarnings("ignore", message="The dirpath has changed from", category=UserWarning)
         if getattr(self, "compile", None) is not None:
             config.model.compile = self.compile
         ckpt_path = config.get("ckpt_path")

@@ -226,6 +226,9 @@ def evaluate_command(
                   "are not those of unseen text; score --part test (or val) of the training corpus, or another file",
                   file=sys.stderr)
     names = [name.strip() for name in tasks.split(",") if name.strip()] if tasks else None
+    import datasets
+
+    datasets.disable_progress_bars()  # the harness loads local files through `datasets`: our bar shows the scoring
     with ProgressBar() as progress:
         results = evaluate(loaded.model, loaded.tokenizer, text=text, choices=choices, tasks=names, limit=limit,
                            batch_size=batch_size, part=part, split=split, progress=progress)
@@ -442,14 +445,13 @@ def fit_command(argv: list[str] | None) -> None:
 def describe_fit(report) -> list[str]:
     """`fit`'s closing lines (a project.training.report.FitReport): why it stopped, the last validation's figures,
     the checkpoints, and what to run next."""
-    took = report.train_s
-    minutes = "" if took is None else f" in {took:.0f} s" if took < 120 else f" in {took / 60:.1f} min"
+    took = f" in {duration(report.train_s)}" if report.train_s is not None else ""
     of = f" of {report.max_steps:,}" if report.max_steps else ""
     why = {"max_steps": f"reached max_steps ({report.max_steps:,})",
-           "max_time": f"stopped by max_time ({report.max_time_s / 60:.1f} min) at step {report.step:,}{of}; the "
-                       "learning rate followed the time budget down to its floor" if report.max_time_s else "",
+           "max_time": f"stopped by max_time ({duration(report.max_time_s or 0)}) at step {report.step:,}{of}; the "
+                       "learning rate followed the time budget down to its floor",
            "max_epochs": "reached max_epochs"}.get(report.stopped_by, "stopped by a callback (e.g. early stopping)")
-    lines = [f"fit: {why} after {report.step:,} steps{minutes}"]
+    lines = [f"fit: {why} after {report.step:,} steps{took}"]
     if report.metrics:
         figures = ", ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
         lines.append(f"  last validation (step {report.validated_at:,}): {figures}")
@@ -467,6 +469,11 @@ def describe_fit(report) -> list[str]:
         prompt = f" --prompt {shell_quote(report.prompt)}" if (report.prompt or "").strip() and "\n" not in report.prompt else ""
         lines.append(f"next: {PROG} generate --ckpt_path {shell_quote(str(sample))}{prompt} --stream true")
     return lines
+
+
+def duration(seconds: float) -> str:
+    """Seconds for people: 12 s, 9.5 min."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def shell_quote(text: str) -> str:
