@@ -94,7 +94,8 @@ def run_worker(setting: str, args) -> dict:
         if policy:
             env["OMP_WAIT_POLICY"] = policy.upper()
     command = [sys.executable, __file__, "--worker", "--setting", setting, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds), "--new-tokens", str(args.new_tokens), "--data-dir", args.data_dir]
+               "--warmup", str(args.warmup), "--max-seconds", str(args.max_seconds), "--new-tokens", str(args.new_tokens),
+               "--data-dir", args.data_dir]
     if args.data_path:
         command += ["--data-path", args.data_path]
     if args.quick:
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{os.cpu_count()} CPUs, torch {torch.__version__}; "
           f"training {args.steps} timed steps after {args.warmup}, generation {args.new_tokens} new tokens; "
           f"median of {args.repeats} interleaved repeats\n")
-    print("| busy loops | threads | train tokens/s | vs best | generate tokens/s | vs best | load average (1, 5, 15 min) |")
+    print("| busy loops | threads | train tokens/s | vs best | generate tokens/s | vs best "
+          "| load average (1, 5, 15 min) |")
     print("|---:|---|---:|---:|---:|---:|---|")
     for load in args.loads:
         medians = {s: {k: statistics.median(r[k] for r in results[(load, s)]) for k in ("train", "generate")}

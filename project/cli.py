@@ -117,7 +117,6 @@ class GPTCLI(LightningCLI):
         elif state.get("kind") == "bpe" and config.data.tokenizer != "char":
             config.data.vocabulary = state["tokenizer_json"]
 
-
     def after_fit(self) -> None:
         self.report = fit_report(self.trainer)
 
@@ -267,7 +266,8 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
     # LatestCheckpoint rewrites a distributed run's last.ckpt folder in place, on purpose; torch warns at each save
-    warnings.filterwarnings("ignore", message=r"Detected an existing checkpoint in .*overwriting since", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"Detected an existing checkpoint in .*overwriting since",
+                            category=UserWarning)
     # Lightning advertises its cloud logger at the start of every run
     rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, DropAdvert) for f in rank_zero_log.filters):

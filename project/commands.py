@@ -107,8 +107,8 @@ def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = 
         print(f"exported {loaded.path} to {path} ({dtype}, {size_of(path)}, llama.cpp architecture "
               f"{gguf_architecture(loaded.model.config)}, context {context} tokens) and {path.parent / MODELFILE} "
               f"(num_ctx {context})\n"
-              f"  keep prompt + new tokens within {context}: llama.cpp stops (or aborts) at the end of a learned-position "
-              "context\n"
+              f"  keep prompt + new tokens within {context}: llama.cpp stops (or aborts) at the end of a "
+              "learned-position context\n"
               f"  try: python -c \"import llama_cpp; print(llama_cpp.Llama('{path}', n_ctx={context}, verbose=False)"
               f".create_completion('ROMEO:', max_tokens={context // 2})['choices'][0]['text'])\"")
         return
@@ -235,7 +235,8 @@ def evaluate_command(
     print(f"evaluate: {loaded.path} ({loaded.model.num_params() / 1e6:.2f} M parameters, "
           f"{loaded.tokenizer.describe()}, context {loaded.model.config.block_size} tokens), lm-evaluation-harness")
     sources = {"project_text": f"{text}{where}", "project_choices": str(choices)}
-    rows = [(sources.get(task, task), name, value) for task, metrics in results.items() for name, value in metrics.items()]
+    rows = [(sources.get(task, task), name, value) for task, metrics in results.items()
+            for name, value in metrics.items()]
     width = max([len("scored"), *(len(source) for source, _, _ in rows)])
     print(f"  {'scored':<{width}}  {'metric':<16} {'value':>10}")
     for source, name, value in rows:
@@ -390,11 +391,22 @@ class ConsoleHandler(logging.StreamHandler):
     def stream(self, value) -> None:  # StreamHandler sets it; the console stream is looked up instead
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """Between progress-bar redraws when a bar is on screen (tqdm.write), so a line is never glued to one."""
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is None:
+            return super().emit(record)
+        try:
+            tqdm.tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 (logging's own contract: report, never raise)
+            self.handleError(record)
+
 
 def configure_logging() -> None:
-    """The library's log lines (project.*: resumed from, saved, rebuilt) on stderr, `predict`'s completions on
-    stdout. Library code only logs; the command line decides where lines go."""
-    for name, target in (("project", "stderr"), ("project.completions", "stdout")):
+    """The library's log lines (project.*: resumed from, saved, rebuilt) and Python warnings on stderr, `predict`'s
+    completions on stdout. Library code only logs; the command line decides where lines go."""
+    logging.captureWarnings(True)  # warnings as log lines, so they too are written between progress-bar redraws
+    for name, target in (("project", "stderr"), ("project.completions", "stdout"), ("py.warnings", "stderr")):
         logger = logging.getLogger(name)
         if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
             handler = ConsoleHandler(target)
@@ -421,11 +433,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             raise ValueError(f"unknown command {words[0]!r}: use one of {', '.join([*LIGHTNING_SUMMARIES, *COMMANDS])} "
                              f"({PROG} --help)")
-    except (RuntimeError, MemoryError, *USER_ERRORS) as err:
+    except Exception as err:  # noqa: BLE001 (re-raised below unless it is the user's mistake or memory)
         if isinstance(err, user_errors()) and not os.environ.get("PROJECT_DEBUG"):
             print(f"error: {one_line(err)}", file=sys.stderr)
             sys.exit(1)
-        if not out_of_memory(err) or os.environ.get("PROJECT_DEBUG"):
+        if not (isinstance(err, (RuntimeError, MemoryError)) and out_of_memory(err)) or os.environ.get("PROJECT_DEBUG"):
             raise  # our bug: the traceback is the report
         print(f"error: not enough memory ({one_line(err)[:160]}): {MEMORY_HINT}", file=sys.stderr)
         sys.exit(1)
@@ -447,11 +459,12 @@ def describe_fit(report) -> list[str]:
     the checkpoints, and what to run next."""
     took = f" in {duration(report.train_s)}" if report.train_s is not None else ""
     of = f" of {report.max_steps:,}" if report.max_steps else ""
-    why = {"max_steps": f"reached max_steps ({report.max_steps:,})",
+    why = {"max_steps": f"reached max_steps ({report.max_steps:,}){took}",
            "max_time": f"stopped by max_time ({duration(report.max_time_s or 0)}) at step {report.step:,}{of}; the "
-                       "learning rate followed the time budget down to its floor",
-           "max_epochs": "reached max_epochs"}.get(report.stopped_by, "stopped by a callback (e.g. early stopping)")
-    lines = [f"fit: {why} after {report.step:,} steps{took}"]
+                       "learning rate followed the time budget to its floor",
+           "max_epochs": f"reached max_epochs at step {report.step:,}{took}",
+           }.get(report.stopped_by, f"stopped by a callback (e.g. early stopping) at step {report.step:,}{took}")
+    lines = [f"fit: {why}"]
     if report.metrics:
         figures = ", ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
         lines.append(f"  last validation (step {report.validated_at:,}): {figures}")
@@ -466,7 +479,8 @@ def describe_fit(report) -> list[str]:
         lines.append(f"  curves: tensorboard --logdir {report.run_dir}")
     sample = report.best or report.last
     if sample is not None:
-        prompt = f" --prompt {shell_quote(report.prompt)}" if (report.prompt or "").strip() and "\n" not in report.prompt else ""
+        plain = (report.prompt or "").strip() and "\n" not in report.prompt  # else generate's default prompt
+        prompt = f" --prompt {shell_quote(report.prompt)}" if plain else ""
         lines.append(f"next: {PROG} generate --ckpt_path {shell_quote(str(sample))}{prompt} --stream true")
     return lines
 

@@ -59,7 +59,8 @@ class HarnessLM(TemplateLM):
         progress: called as sequences are scored, with (what, done, total).
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int = 32, progress: Progress | None = None) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int = 32,
+                 progress: Progress | None = None) -> None:
         super().__init__()
         # not `self.tokenizer`: the harness reads that as a Hugging Face tokenizer (chat templates)
         self.model, self.project_tokenizer = model, tokenizer

@@ -200,8 +200,8 @@ def test_evaluate_warns_about_training_text_and_scores_the_held_out_part(trained
     assert lines[1].split() == ["scored", "metric", "value"]
     assert {line.split()[1] for line in lines[2:]} == {"bits_per_byte", "byte_perplexity", "word_perplexity"}
 
-    code, err, out = run_main(capsys, "evaluate", "--ckpt_path", ckpt, "--text", str(shakespeare_path), "--part", "test",
-                              stdout=True)
+    code, err, out = run_main(capsys, "evaluate", "--ckpt_path", ckpt, "--text", str(shakespeare_path),
+                              "--part", "test", stdout=True)
     assert code == 0, err[-2000:]
     assert "warning" not in err and f"{shakespeare_path}, its test part" in out
     assert scored_text(shakespeare_path, "test", Split()) == Split().cut(text)["test"]

@@ -250,6 +250,23 @@ def test_export_cli(trained_run, tmp_path, capsys):
         "error: --dtype f16 applies to --format gguf only: the hf format is always f32")
 
 
+@needs_llama_cpp
+def test_llama_cpp_runs_an_export_within_its_context_and_stops_there(trained_run, tmp_path, capsys):
+    """What the README's llama.cpp command relies on: `n_ctx=0` is the context the file states, and a reply asked
+    for more tokens than fit stops at the context's end (learned positions end there: a larger n_ctx aborts)."""
+    main(["export", "--ckpt_path", str(trained_run["ckpt"]), "--out", str(tmp_path / "gguf"), "--format", "gguf"])
+    out = capsys.readouterr().out
+    assert "context 32 tokens" in out and "n_ctx=32" in out  # the export says it, with a command that keeps to it
+    llm = llama_cpp.Llama(str(tmp_path / "gguf" / "model.gguf"), n_ctx=0, n_threads=1, verbose=False)
+    try:
+        assert llm.n_ctx() == 32
+        reply = llm.create_completion("ROMEO:", max_tokens=1000, temperature=0.0)
+        assert reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"] <= 32
+        assert reply["usage"]["completion_tokens"] > 0
+    finally:
+        llm.close()
+
+
 def test_export_cli_refuses_a_model_llama_cpp_cannot_represent(chars, tmp_path, capsys):
     model = random_gpt(chars.vocab_size, **dict(GPT2_STYLE, gelu_approximate="none"))
     ckpt = tmp_path / "erf.ckpt"  # what load_checkpoint reads from a checkpoint of `fit`

@@ -23,7 +23,7 @@ MAX_LINES = 1 << 16  # 512 KB of int64 at most
 
 
 def line_hashes(text: str) -> set[int]:
-    """63-bit hashes of the distinct whitespace-stripped lines of `text` that have at least MIN_LINE_CHARS characters."""
+    """63-bit hashes of the distinct whitespace-stripped lines of `text` of at least MIN_LINE_CHARS characters."""
     lines = {line.strip() for line in text.splitlines()}
     return {int.from_bytes(hashlib.blake2b(line.encode(), digest_size=8).digest(), "big") >> 1
             for line in lines if len(line) >= MIN_LINE_CHARS}

@@ -194,7 +194,7 @@ def check_checkpoint(checkpoint, path: Path) -> None:
         config = GPTConfig(**hparams["config"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"checkpoint {path} has an invalid model config ({err})") from None
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
+    with torch.device("meta"), WithoutInitialisation():  # shapes only: no memory, no random numbers
         expected = GPT(config).state_dict()
     stored = model_state_dict(checkpoint)
     for key, tensor in stored.items():
@@ -217,6 +217,19 @@ def check_checkpoint(checkpoint, path: Path) -> None:
                              f"{config.vocab_size}: the checkpoint was edited or mixed up with another run's")
 
 
+class WithoutInitialisation(torch.overrides.TorchFunctionMode):
+    """Skips torch.nn.init's random fills while a model is built for its shapes: on the meta device they run
+    torch's reference implementations, whose first use imports torch's compiler (seconds of every command's start)."""
+
+    SKIPPED = {torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_, torch.nn.init.trunc_normal_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
     """GPT weights from a GPTModule checkpoint: strip `model.` and any torch.compile `_orig_mod.` prefix."""
     state = {}
@@ -237,8 +250,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model = GPT(config)
     model.load_state_dict(model_state_dict(checkpoint), strict=False)  # only a tied lm_head.weight is missing
     model.to(device).eval()
-    stored = checkpoint.get("metrics")  # the latest validation's val/loss, val/ppl, val/bpb (GPTModule)
-    metrics = {k: float(v) for k, v in stored.items() if isinstance(v, (int, float))} if isinstance(stored, dict) else {}
+    stored = checkpoint.get("metrics") if isinstance(checkpoint.get("metrics"), dict) else {}  # GPTModule's
+    metrics = {k: float(v) for k, v in stored.items() if isinstance(v, (int, float))}  # last val/loss, val/bpb...
     for key, cb_state in checkpoint.get("callbacks", {}).items():
         if key.startswith("ModelCheckpoint") and cb_state.get("best_model_score") is not None:
             metrics[f"best {cb_state.get('monitor') or 'score'}"] = float(cb_state["best_model_score"])

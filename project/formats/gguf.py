@@ -20,6 +20,11 @@ tokenizer.json. The character tokenizer becomes llama.cpp's `rwkv` tokenizer (gr
 bytes, no special tokens): every character is one token, so the ids are exactly ours. A BPE-style `gpt2`
 vocabulary would not do: llama.cpp then treats token 11 as end-of-text, and one character would stop generation.
 
+Context: the file states the context the model was trained with (`<arch>.context_length` = block_size), and the
+Modelfile sets Ollama's `num_ctx` to it. Nothing may run past it: a model with learned positions (gpt2) has no
+position embedding beyond its context, and llama.cpp given a larger `n_ctx` reads past the table and aborts
+(GGML_ASSERT); with `n_ctx` equal to the context (llama-cpp-python's `n_ctx=0`) it stops when the context is full.
+
 Precision (`dtype`): f32 keeps every tensor; f16 and q8_0 convert the matrices (1-D norms and biases, and the
 learned position table, stay f32, as llama.cpp's own converter does). q8_0 needs rows of a multiple of 32
 values; a matrix whose rows are not falls back to f16.
@@ -317,6 +322,7 @@ def modelfile_text(gguf_name: str, config: GPTConfig, eot_text: str | None) -> s
     settings = GenerationSettings()  # the project's own sampling defaults
     lines = [
         "# Ollama: ollama create NAME -f Modelfile, then ollama run NAME \"ROMEO:\"",
+        f"# the model's context is {config.block_size} tokens: prompt and reply together must fit in num_ctx",
         f"FROM ./{gguf_name}",
         'TEMPLATE """{{ .Prompt }}"""',
         f"PARAMETER num_ctx {config.block_size}",

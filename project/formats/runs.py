@@ -48,8 +48,9 @@ def find_checkpoint(which: Which, runs: str | Path = RUNS_DIR, name: str | None 
     run = newest_run(runs, name)
     if run is None:
         where = runs / (name or "*") / "version_*" / CHECKPOINTS
-        raise FileNotFoundError(f"--ckpt_path {which}: no checkpoint under {where}: train first (python -m project "
-                                "fit ...), run the command where runs/ is, or pass --ckpt_path path/to/file.ckpt")
+        what = LAST if which == "last" else "best checkpoint"
+        raise FileNotFoundError(f"--ckpt_path {which}: no {what} under {where}: train first (python -m project fit "
+                                "...), run the command where runs/ is, or pass --ckpt_path path/to/file.ckpt")
     return checkpoint_in(run / CHECKPOINTS, which)
 
 

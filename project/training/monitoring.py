@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from project.generate import complete_batch
@@ -44,8 +45,8 @@ class TextSampleCallback(Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or pl_module.tokenizer is None:
-            return
+        if trainer.sanity_checking or pl_module.tokenizer is None or trainer.state.fn != TrainerFn.FITTING:
+            return  # `validate` has no TensorBoard run to log a sample into
         reason = sample_skip_reason(trainer.strategy)
         if reason is not None:
             rank_zero_warn(f"no text samples are logged: {reason}")  # Python's warnings show it once

@@ -124,7 +124,7 @@ def fit_report(trainer: Trainer) -> FitReport:
         train_s=time.monotonic() - report.started if report.started is not None else None,
         validated_at=report.validated_at,
         metrics=dict(report.metrics), best=best_path,
-        best_score=float(best.best_model_score) if best_path is not None and best.best_model_score is not None else None,
+        best_score=None if best_path is None or best.best_model_score is None else float(best.best_model_score),
         last=latest.path if latest is not None and latest.path is not None and latest.path.exists() else None,
         run_dir=Path(trainer.log_dir) if trainer.logger is not None and trainer.log_dir else None,
         prompt=samples.prompt if samples is not None else None,
