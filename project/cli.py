@@ -257,7 +257,7 @@ def settle_with_checkpoint(subcommand: str, config, checkpoint: dict, ckpt_path:
                "and callbacks" if subcommand == "fit" else "Its architecture and tokenizer cannot change")
             + f"; {hint}, or start a new run")
     if subcommand == "fit" and applied:
-        log.info("resuming from %s with %s", ckpt_path, ", ".join(applied))
+        log.info("changed from the checkpoint: %s", ", ".join(applied))
 
 
 def plain(value):

@@ -10,9 +10,11 @@ project` in a subprocess, as a user would: the hostile ones, serving, and one re
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -726,19 +728,38 @@ def test_resume_applies_what_may_change_and_records_it(trained_run, tmp_path, ca
         assert torch.load(newest, weights_only=True)["hyper_parameters"]["config"]["dropout"] == dropout
 
 
+def python_sources() -> dict[str, str]:
+    """The project's own Python: the package, the benchmarks and the notebooks' code cells, by name."""
+    sources = {str(p.relative_to(REPO)): p.read_text() for folder in ("project", "benchmarks")
+               for p in (REPO / folder).rglob("*.py")}
+    for notebook in (REPO / "notebooks").glob("*.ipynb"):
+        cells = json.loads(notebook.read_text())["cells"]
+        sources.update({f"{notebook.relative_to(REPO)}#{i}": "".join(cell["source"]) for i, cell in enumerate(cells)
+                        if cell["cell_type"] == "code" and not "".join(cell["source"]).lstrip().startswith(("%", "!"))})
+    return sources
+
+
 def test_only_formats_dcp_reads_distributed_checkpoints():
     """Item 1 of issue 23, structurally: no code but project/formats/dcp.py calls dcp.load or builds a
-    FileSystemReader (torch's consolidation helpers included), and nothing anywhere unpickles without weights_only."""
+    FileSystemReader (torch's consolidation helpers included), and no code anywhere loads with weights_only off
+    or unpickles with pickle."""
     reads_dcp = re.compile(r"\bdcp\.load\b|FileSystemReader|format_utils|dcp_to_torch_save|state_dict_loader|"
                            r"distributed\.checkpoint import .*\bload\b")
-    unpickles = re.compile(r"weights_only\s*=\s*(False|None)|pickle\.loads?\(|Unpickler\(")
-    sources = [*(REPO / "project").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py"), *(REPO / "notebooks").glob("*.ipynb")]
-    found = {f"{path.relative_to(REPO)}:{number}: {line.strip()}"
-             for path in sources for number, line in enumerate(path.read_text().splitlines(), start=1)
-             if reads_dcp.search(line) or unpickles.search(line)}
-    dcp_module = "project/formats/dcp.py"
-    assert {hit for hit in found if not hit.startswith(dcp_module)} == set(), found
+    found, unpickles = set(), set()
+    for name, source in python_sources().items():
+        found |= {f"{name}:{n}: {line.strip()}" for n, line in enumerate(source.splitlines(), 1) if reads_dcp.search(line)}
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.Call):
+                continue
+            called = ast.unparse(node.func)
+            loads = called.endswith("load") or called.endswith("load_checkpoint")
+            unsafe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is not True
+                         for k in node.keywords)
+            if (loads and unsafe) or called in ("pickle.load", "pickle.loads", "pickle.Unpickler"):
+                unpickles.add(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert {hit for hit in found if not hit.startswith("project/formats/dcp.py")} == set(), found
     assert any("dcp.load(state, storage_reader=CheckedMetadataReader" in hit for hit in found)  # the one call
+    assert unpickles == set()
 
 
 def test_dcp_reader_refuses_the_fallback_and_pickled_items_directly(request, tmp_path):

@@ -64,12 +64,6 @@ class DistributedMetadataUnpickler(pickle.Unpickler):
         raise RefusedGlobal(f"{module}.{name}")
 
 
-def is_dcp_folder(path: str | Path) -> bool:
-    """A folder as ModelParallelStrategy writes it: `.metadata` beside the shards, and Lightning's meta.pt."""
-    path = Path(path)
-    return path.is_dir() and (path / METADATA_FILE).is_file() and (path / META_FILE).is_file()
-
-
 def class_name(obj) -> str:
     """`module.Class` of an object: every object in checked metadata comes from the allow-list or is a builtin."""
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
@@ -112,9 +106,10 @@ def read_dcp_metadata(folder: str | Path) -> Metadata:
     for key, item in items.items():
         if type(key) is not str:
             raise refuse(f"names an item {key!r} that is not a string")
-        path = keys.get(key)
-        if type(path) is not tuple or not path or not all(type(p) is str or is_count(p) for p in path):
-            raise refuse(f"gives item {key} no key path")
+        path = keys.get(key)  # where the item goes in the nested state: its key is the path joined with dots
+        if (type(path) is not tuple or not path or not all(type(p) is str or is_count(p) for p in path)
+                or ".".join(map(str, path)) != key):
+            raise refuse(f"gives item {key} no key path of its own")
         if type(item) is BytesStorageMetadata:
             if not SETTINGS_ITEM.fullmatch(key):  # e.g. a weight declared as pickled bytes
                 raise refuse(f"declares {key} as pickled data (only optimizer settings are)")

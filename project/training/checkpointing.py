@@ -55,7 +55,7 @@ class LatestCheckpoint(Callback):
         if best is None or best.dirpath is None or self.saved_step == trainer.global_step or trainer.fast_dev_run:
             return  # checkpointing is off, or this step is saved already
         self.path = Path(best.dirpath) / self.FILENAME
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole training state, to resume from
         self.saved_step = trainer.global_step
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -39,13 +39,14 @@ class ShardedStrategy(ModelParallelStrategy):
             return super().load_checkpoint(path, weights_only=True)  # a consolidated file: torch.load, weights only
         metadata = read_dcp_metadata(path)  # every rank checks it; ValueError is one line
         module = self.lightning_module
-        options = StateDictOptions(cpu_offload=True)
-        state = {"state_dict": get_model_state_dict(module, options=options),
-                 **{f"optimizer_{i}": get_optimizer_state_dict(module, optimizer, options=options)
+        # the destinations as Lightning's own loader builds them (its options included), filled in place
+        state = {"state_dict": get_model_state_dict(module),
+                 **{f"optimizer_{i}": get_optimizer_state_dict(module, optimizer)
                     for i, optimizer in enumerate(self.optimizers)}}
-        load_dcp(state, path, metadata)  # fills `state` in place, resharded to this run's layout
+        load_dcp(state, path, metadata)  # resharded to this run's layout
         set_model_state_dict(module, state["state_dict"], options=StateDictOptions(strict=module.strict_loading))
         for i, optimizer in enumerate(self.optimizers):
-            set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"], options=options)
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=state[f"optimizer_{i}"],
+                                     options=StateDictOptions(cpu_offload=True))
         # load_model_state_dict / load_optimizer_state_dict are no-ops in this strategy: the rest is Lightning's
         return load_weights_only(path / META_FILE)
