@@ -4,8 +4,8 @@ Each case of the table must end in a one-line `error: ...` that names the fix, a
 traceback, no file that existed before changed, no run folder left behind, and no code run from a file the
 user pointed at (hostile files write a marker when unpickled or imported; it must never appear).
 
-Cases run in this process through `project.cli.main` (fast); the ones marked `cli=True` run `python -m
-project` in a subprocess, as a user would: the hostile ones, serving, and one representative of each group.
+Cases run in this process through `project.commands.main` (fast); the ones marked `cli=True` run `python -m
+project` in a subprocess, as a user would: a representative of each attack and of each group, and serving.
 """
 
 from __future__ import annotations
@@ -486,15 +486,8 @@ CASES = [
     bad("hf-folder-bad-config", [*GENERATE, "{hf_bad_config}"], "config.json", cli=True),
     bad("hf-folder-truncated-weights", [*GENERATE, "{hf_truncated}"], "model.safetensors"),
     # --- checkpoints: hostile (nothing may run; see WritesMarker) ---
-    bad("hostile-dcp-generate", [*GENERATE, "{hostile_dcp}"], "refusing", cli=True),
-    bad("hostile-dcp-export", ["export", "--ckpt_path", "{hostile_dcp}", "--out", "{case}/out"], "refusing", cli=True),
-    bad("hostile-dcp-predict", [*PREDICT, "--ckpt_path", "{hostile_dcp}"], "refusing", cli=True),
-    bad("hostile-dcp-validate", ["validate", "--config", DEBUG, "--ckpt_path", "{hostile_dcp}"], "refusing"),
-    bad("hostile-dcp-consolidate", ["consolidate", "--ckpt_path", "{hostile_dcp}", "--out", "{case}/one.ckpt"],
-        "refusing", cli=True),
-    bad("hostile-dcp-serve", ["serve", "--ckpt_path", "{hostile_dcp}", "--port", "{free_port}"], "refusing",
-        cli=True),
-    bad("hostile-dcp-resume", [*FIT, "--ckpt_path", "{hostile_dcp}"], "refusing", cli=True),
+    *[bad(f"hostile-dcp-{command}", [a.format("hostile_dcp") for a in args], "refusing",
+          cli=command in ("generate", "resume")) for command, args in READS_A_CHECKPOINT.items()],
     bad("hostile-dcp-behind-symlink", [*GENERATE, "{hostile_link}"], "refusing"),
     bad("hostile-dcp-meta.pt", [*GENERATE, "{hostile_meta_dcp}"], "not a checkpoint"),
     bad("hostile-ckpt-generate", [*GENERATE, "{hostile_ckpt}"], "not a checkpoint"),
