@@ -8,12 +8,14 @@ project/commands.py dispatches to `run_lightning` and turns the errors raised he
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -27,7 +29,7 @@ from project.training.checkpointing import LatestCheckpoint
 from project.training.module import VAL_LOSS, GPTModule
 from project.training.monitoring import TextSampleCallback, TokenThroughput
 from project.training.nan_guard import NonFiniteLossGuard
-from project.training.optim import OptimizerSettings
+from project.training.optim import MUON_SHARDED_ERROR, OptimizerSettings
 from project.training.predictions import PredictionWriter
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class GPTCLI(LightningCLI):
             return
         config = self.config[subcommand]
         check_trainer_flags(config.trainer)
+        check_sharded_optimizer(config)
         place_runs_under_root_dir(config)
         if not config.get("ckpt_path"):
             return
@@ -97,6 +100,8 @@ class GPTCLI(LightningCLI):
         add_step_progress_bar(config.trainer)
         add_callback(config.trainer, "project.training.run_folder.RunFolderGuard")  # one writer; no empty folder
         add_callback(config.trainer, "project.training.checkpointing.RandomState")  # dropout resumes exactly
+        add_callback(config.trainer, "project.training.step_stats.StepStats")  # one host sync per logging interval
+        add_callback(config.trainer, "project.training.interrupt.GracefulInterrupt")  # Ctrl-C: all ranks stop alike
         if getattr(self, "compile", None) is not None:
             config.model.compile = self.compile
         ckpt_path = config.get("ckpt_path")
@@ -172,6 +177,23 @@ def check_trainer_flags(trainer) -> None:
     accumulate = trainer.get("accumulate_grad_batches")
     if isinstance(accumulate, int) and accumulate < 1:
         raise ValueError(f"--trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
+
+
+def check_sharded_optimizer(config) -> None:
+    """Muon under ModelParallelStrategy: refused here, before any process is launched (`MUON_SHARDED_ERROR`)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = config.trainer.get("strategy")
+    class_path = str(getattr(strategy, "class_path", strategy))
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        strategy_class = getattr(importlib.import_module(module_name), class_name) if module_name else None
+    except (ImportError, AttributeError):
+        return  # not a class path (e.g. "ddp"), or one LightningCLI reports itself
+    optimizer = config.model.get("optimizer") or {}
+    sharded = isinstance(strategy_class, type) and issubclass(strategy_class, ModelParallelStrategy)
+    if sharded and optimizer.get("name") == "muon":
+        raise ValueError(MUON_SHARDED_ERROR)
 
 
 def logger_init_args(config):
@@ -258,9 +280,9 @@ def resolve_last_checkpoint(config) -> None:
     log.info("resuming from %s", newest)
 
 
-def run_lightning(args: list[str] | None) -> None:
-    """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv)."""
-    GPTCLI(
+def run_lightning(args: list[str] | None) -> Trainer:
+    """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv); returns the Trainer."""
+    return GPTCLI(
         GPTModule,
         TextDataModule,
         args=args,
@@ -273,4 +295,4 @@ def run_lightning(args: list[str] | None) -> None:
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,
         parser_kwargs={"default_env": False, "prog": PROG},
-    )
+    ).trainer

@@ -13,7 +13,9 @@ from project.training.optim import OptimizerSettings, build_optimizer, warmup_co
 
 def tiny_module(**kwargs) -> GPTModule:
     torch.manual_seed(0)
-    return GPTModule(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16), **kwargs)
+    module = GPTModule(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16), **kwargs)
+    module.configure_model()
+    return module
 
 
 def test_loss_is_next_token_cross_entropy():
