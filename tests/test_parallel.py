@@ -352,3 +352,68 @@ def test_text_samples_are_skipped_with_a_reason_under_sharding_strategies():
         assert "rank 0 alone cannot run the model" in sample_skip_reason(sharded)
     assert sample_skip_reason(DDPStrategy()) is None  # every rank holds the whole model
     assert sample_skip_reason(SingleDeviceStrategy(torch.device("cpu"))) is None
+
+
+def test_muon_under_model_parallel_is_refused_before_any_process_starts(tmp_path, capsys, monkeypatch):
+    from project.training.optim import MUON_SHARDED_ERROR
+    from tests.conftest import run_main
+
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, "fit", "--config", str(REPO / "configs" / "debug.yaml"), "--config",
+                         str(REPO / "configs" / "strategy" / "tp.yaml"), "--model.optimizer.name", "muon",
+                         "--trainer.accelerator", "cpu", "--trainer.devices", "2")
+    assert code == 1
+    assert err.strip().splitlines()[-1] == f"error: {MUON_SHARDED_ERROR}"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow  # 2 processes, started and stopped twice
+@pytest.mark.parametrize("strategy, sent_to", [("ddp", "every process"), ("fsdp2", "rank 0 only")])
+def test_ctrl_c_stops_both_ranks_at_one_step_with_a_usable_checkpoint(tmp_path, data_dir, strategy, sent_to):
+    """Ctrl-C during a 2-process fit: SIGINT to the whole process group (a terminal's Ctrl-C), or to rank 0 alone
+    (which used to leave rank 1 training and rank 0 waiting in the save). Both ranks stop at the same step within
+    one logging interval, save last.ckpt, exit with 130 and leave no process behind; the checkpoint loads."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overlay = {"ddp": ["--config", str(REPO / "configs" / "strategy" / "ddp.yaml")],
+               "fsdp2": ["--config", str(REPO / "configs" / "strategy" / "tp.yaml"),
+                         "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1"]}
+    command = [sys.executable, "-m", "project", "fit", "--config", str(REPO / "configs" / "debug.yaml"),
+               *overlay[strategy], "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+               "--data.data_dir", str(data_dir), "--trainer.max_steps", "100000", "--trainer.log_every_n_steps", "2",
+               "--trainer.val_check_interval", "100000", "--last_checkpoint.every_n_train_steps", "2",
+               "--samples.max_new_tokens", "0", "--trainer.enable_progress_bar", "false"]
+    run = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    last = tmp_path / "runs" / "gpt" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 180
+    while not last.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert last.exists(), run.communicate(timeout=60)[1][-3000:] if run.poll() is not None else "no checkpoint"
+    time.sleep(1.0)  # a few more steps
+    if sent_to == "every process":
+        os.killpg(run.pid, signal.SIGINT)
+    else:
+        os.kill(run.pid, signal.SIGINT)
+    try:
+        _, stderr = run.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        pytest.fail(f"Ctrl-C to {sent_to}: the run hung")
+    assert run.returncode == 130, stderr[-3000:]
+    deadline = time.monotonic() + 30  # rank 1 ends on its own, just after rank 0: no rank is left behind
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(run.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(run.pid, signal.SIGKILL)
+        pytest.fail(f"Ctrl-C to {sent_to}: a process of the run was still alive 30 s after rank 0 exited")
+    step = int(stderr.split("interrupted at step ")[1].split(":")[0])
+    loaded = load_checkpoint(last)
+    assert loaded.global_step == step and step % 2 == 0  # stopped at a logging interval, where both ranks were
