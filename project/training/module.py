@@ -30,7 +30,7 @@ class PerplexityFromLoss(MeanMetric):
         return super().compute().exp()
 
 
-def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, rows: int = 256) -> torch.Tensor:
     """Mean next-token cross-entropy of logits (B, T, V) against targets (B, T), `rows` positions at a time.
 
     Evaluation has no backward pass to keep the full logits for, so only one chunk at a time is converted to
