@@ -159,11 +159,35 @@ class HarnessLM(TemplateLM):
 # --- local tasks ---------------------------------------------------------------------------------------------
 
 
+def check_input_file(path: str | Path, flag: str, what: str) -> Path:
+    """`path` as a Path to an existing file, or a one-line error saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder: pass {what}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path} does not exist: pass {what}")
+    return path
+
+
+def check_evaluation(*, text: str | Path | None, choices: str | Path | None, tasks: list[str] | None,
+                     limit: int | None, batch_size: int) -> None:
+    """One-line errors for arguments the harness would misread, before any model is loaded (a batch size of -1
+    scores nothing, which reads as a perfect model)."""
+    if text is None and choices is None and not tasks:
+        raise ValueError("nothing to evaluate: pass --text FILE, --choices FILE.jsonl or --tasks NAME[,NAME...]")
+    if isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1 (sequences per forward pass), got {batch_size}")
+    if limit is not None and (isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"--limit must be >= 1 (documents per task; leave it out for all), got {limit}")
+    if text is not None:
+        check_input_file(text, "--text", "a UTF-8 text file")
+    if choices is not None:
+        check_input_file(choices, "--choices", "a .jsonl file of questions")
+
+
 def read_text(path: str | Path) -> str:
     """The text of a UTF-8 file, or a one-line ValueError naming what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file {path} does not exist: pass --text pointing to a UTF-8 text file")
+    path = check_input_file(path, "--text", "a UTF-8 text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -175,9 +199,7 @@ def read_text(path: str | Path) -> str:
 
 def read_choices(path: str | Path) -> list[dict]:
     """The questions of a multiple-choice JSONL file, checked line by line (one-line ValueError otherwise)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"choices file {path} does not exist: pass --choices pointing to a .jsonl file")
+    path = check_input_file(path, "--choices", "a .jsonl file of questions")
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -265,8 +287,7 @@ def evaluate(model: GPT, tokenizer: Tokenizer, *, text: str | Path | None = None
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    if text is None and choices is None and not tasks:
-        raise ValueError("nothing to evaluate: pass --text FILE, --choices FILE.jsonl or --tasks NAME[,NAME...]")
+    check_evaluation(text=text, choices=choices, tasks=tasks, limit=limit, batch_size=batch_size)
     if tasks:
         check_hub_reachable()
     with tempfile.TemporaryDirectory(prefix="project-eval-") as folder:

@@ -214,14 +214,13 @@ def test_model_parallel_fit_then_consolidate(tmp_path, data_dir, data_parallel, 
     """ModelParallelStrategy through the CLI, as tensor parallel (tp=2) and as pure FSDP2 (dp=2): a DCP folder
     -> consolidate -> a single-device checkpoint with identical logits."""
     common = ["--config", str(REPO / "configs" / "debug.yaml"), "--data.data_dir", str(data_dir)]
-    result = run_cli(
-        "fit", *common, "--config", str(REPO / "configs" / "strategy" / "tp.yaml"), "--trainer.accelerator", "cpu",
-        "--trainer.devices", "2", "--trainer.strategy.data_parallel_size", str(data_parallel),
-        "--trainer.strategy.tensor_parallel_size", str(tensor_parallel), "--trainer.max_steps", "4",
-        "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2", cwd=tmp_path, timeout=240,
-    )
+    sharded = [*common, "--config", str(REPO / "configs" / "strategy" / "tp.yaml"), "--trainer.accelerator", "cpu",
+               "--trainer.devices", "2", "--trainer.strategy.data_parallel_size", str(data_parallel),
+               "--trainer.strategy.tensor_parallel_size", str(tensor_parallel), "--trainer.val_check_interval", "2",
+               "--trainer.limit_val_batches", "2"]
+    result = run_cli("fit", *sharded, "--trainer.max_steps", "4", cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "no text samples are logged: ModelParallelStrategy shards the weights" in result.stderr
+    assert "no text samples are logged: ShardedStrategy shards the weights" in result.stderr
     folder = tmp_path / "runs" / "gpt" / "version_0" / "checkpoints" / "last.ckpt"
     assert folder.is_dir() and (folder / "meta.pt").is_file()
 
@@ -250,9 +249,8 @@ def test_model_parallel_fit_then_consolidate(tmp_path, data_dir, data_parallel, 
     assert all(int(s["step"]) == 4 for s in state["state"].values())
     shapes = sorted(tuple(s["exp_avg"].shape) for s in state["state"].values())
     assert shapes == sorted(tuple(params[n].shape) for n in names)
-    result = run_cli("fit", *common, "--ckpt_path", str(single), "--trainer.max_steps", "6",
-                     "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
-                     "--samples.max_new_tokens", "0", cwd=tmp_path, timeout=240)
+    # resuming from the folder itself reads it through project.formats.dcp (ShardedStrategy.load_checkpoint)
+    result = run_cli("fit", *sharded, "--ckpt_path", str(folder), "--trainer.max_steps", "6", cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = load_checkpoint(tmp_path / "runs" / "gpt" / "version_1" / "checkpoints" / "last.ckpt")
     assert resumed.global_step == 6

@@ -27,6 +27,7 @@ from project.data.corpus import SHAKESPEARE_SHA256, Split, download_shakespeare,
 from project.data.store import (STORE_FORMAT, MemmapWindows, TokenStoreRecord, store_problem,
                                 write_memmap_store)
 from project.data.windows import EvalWindows, TrainWindows
+from project.files import remove_stale_temporaries
 from project.tokenizer import (TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, bpe_vocab_size, build_tokenizer,
                                spec_kind, tokenizer_from_state, train_bpe)
 
@@ -124,6 +125,7 @@ class TextDataModule(LightningDataModule):
         self.ensure_corpus()
         key = hashlib.sha256(f"{sha256_of(self.path)}:{vocab_size}:{self.split}".encode()).hexdigest()[:12]
         folder = self.data_dir / "tokenizers" / f"{self.path.stem}-bpe{vocab_size}-{key}"
+        remove_stale_temporaries(folder.parent)  # tokenizers whose training was killed
         if (folder / TOKENIZER_FILE).is_file():
             return BPETokenizer.from_dir(folder)
         tokenizer = train_bpe(self.split.cut(read_corpus(self.path))["train"], vocab_size)
@@ -154,6 +156,7 @@ class TextDataModule(LightningDataModule):
             return  # prepared beforehand by `python -m project prepare`, or checked already in this run
         self.ensure_corpus()
         folder = self.find_store_dir()
+        remove_stale_temporaries(folder)  # token files of a tokenization that was killed
         if folder.exists():
             problem = store_problem(folder)
             if problem is None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from project.extras import require_extra
-from project.files import remove_path, temporary_path
+from project.files import remove_path, set_default_modes, temporary_path
 from project.model import GPT, GPTConfig, architecture_fields
 from project.tokenizer import Tokenizer, tokenizer_from_hf_file
 
@@ -432,6 +432,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: b
         _patch_json(staging / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")  # 4.x readers too
         if model.config.positions == "rope":  # transformers 4.x reads rope_theta, 5.x rope_parameters
             _patch_json(staging / "config.json", rope_theta=float(model.config.rope_base))
+        set_default_modes(staging)  # safetensors writes its file 0600
         out.mkdir(exist_ok=True)
         for stale in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
             (out / stale).unlink(missing_ok=True)
