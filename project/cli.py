@@ -33,7 +33,7 @@ from project.training.nan_guard import NonFiniteLossGuard
 from project.training.optim import MUON_SHARDED_ERROR, OptimizerSettings
 from project.training.predictions import PredictionWriter
 from project.training.run_folder import claim_next_version, remove_unsaved_run
-from project.training.strategy import ShardedStrategy
+from project.training.strategy import ShardedStrategy, latest_step_folder
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class GPTCLI(LightningCLI):
         if config.ckpt_path == "last":
             resolve_last_checkpoint(config)
         # a missing, truncated, foreign or crafted checkpoint: one-line error here, before anything is built
-        checkpoint = read_checkpoint(config.ckpt_path)
+        checkpoint = read_checkpoint(config.ckpt_path, weights=False)  # a DCP folder: its index, not its shards
         # the checkpoint's settings become the defaults, so config files and flags are what differs from it
         parser.set_defaults({f"{subcommand}.{key}": value for key, value in checkpoint_settings(checkpoint).items()})
         given = parser.parse_args(args)[subcommand]
@@ -330,8 +330,18 @@ def check_checkpoint_reader(strategy, ckpt_path: str) -> None:
                      "keep project.training.checkpointing.AtomicCheckpointIO in --trainer.plugins")
 
 
+def last_checkpoint_in(link: Path) -> Path | None:
+    """What `last` is in one checkpoints folder, given its last.ckpt: a sharded run's newest complete step folder
+    (the last.ckpt link names it too, unless the run died between the two), else last.ckpt itself, or None."""
+    folder = latest_step_folder(link.parent)
+    if folder is not None:
+        return folder
+    return link if link.is_file() or (link / ".metadata").is_file() else None  # a file or a DCP folder
+
+
 def resolve_last_checkpoint(config) -> None:
-    """`--ckpt_path last`: the newest last.ckpt of this logger name (runs/<name>/version_*/checkpoints).
+    """`--ckpt_path last`: the newest last.ckpt, or sharded run's newest complete step folder (`last_checkpoint_in`),
+    of this logger name (runs/<name>/version_*/checkpoints).
 
     Lightning's own "last" looks in the new run's (empty) version folder; this one finds the interrupted run,
     and sets the logger's version to it so the resumed run's curves continue in the same folder.
@@ -341,11 +351,11 @@ def resolve_last_checkpoint(config) -> None:
     if dirpath:
         candidates = [Path(dirpath) / "last.ckpt"]
     elif init is not None and init.get("save_dir") is not None and init.get("name") is not None:
-        candidates = list(Path(init.save_dir, init.name).glob("version_*/checkpoints/last.ckpt"))
+        candidates = [d / "last.ckpt" for d in Path(init.save_dir, init.name).glob("version_*/checkpoints")]
     else:
         root = config.trainer.get("default_root_dir") or "."
         candidates = [Path(root) / "checkpoints" / "last.ckpt"]
-    candidates = [p for p in candidates if p.is_file() or (p / ".metadata").is_file()]  # a file or a DCP folder
+    candidates = [last for last in map(last_checkpoint_in, candidates) if last is not None]
     if not candidates:
         where = dirpath or (Path(init.save_dir, init.name, "version_*", "checkpoints") if init else "checkpoints")
         raise FileNotFoundError(

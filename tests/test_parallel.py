@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from project.training.nan_guard import NonFiniteLossError, NonFiniteLossGuard
+from project.training.strategy import ShardedStrategy
 from project.formats.checkpoint import load_checkpoint
 from project.model import GPT, GPTConfig
 from tests.conftest import REPO, free_port, run_cli
@@ -190,6 +191,32 @@ def test_sharded_models_equal_one_device_from_their_first_weights(tmp_path, monk
             x = batch()[0][:, : ref_model.config.block_size] % ref_model.config.vocab_size
             with torch.no_grad():
                 torch.testing.assert_close(loaded.model(x), ref_logits, atol=1e-5, rtol=0)
+
+
+def test_a_sharded_checkpoint_is_checked_from_its_index_without_reading_a_shard(tmp_path):
+    """What every rank checks before a sharded resume: names, shapes and dtypes from the folder's .metadata; with
+    the shards gone that check passes (none is read), while reading the weights fails."""
+    import torch.distributed.checkpoint as dcp
+
+    from project.formats.checkpoint import read_checkpoint
+
+    config = GPTConfig(**TINY)
+    torch.manual_seed(0)
+    state = {"state_dict": {f"model.{k}": v for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}}
+    folder = tmp_path / "step-000000001"
+    dcp.save(state, checkpoint_id=folder, no_dist=True)
+    torch.save({"hyper_parameters": {"config": config.to_dict()}, "global_step": 1}, folder / "meta.pt")
+    for shard in folder.glob("__*.distcp"):
+        shard.unlink()
+    checked = read_checkpoint(folder, weights=False)
+    assert {k: (tuple(v.shape), v.is_meta) for k, v in checked["state_dict"].items()} == {
+        k: (tuple(v.shape), True) for k, v in state["state_dict"].items()}
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_checkpoint(folder)
+    torch.save({"hyper_parameters": {"config": {**config.to_dict(), "n_embd": 32}}, "global_step": 1},
+               folder / "meta.pt")
+    with pytest.raises(ValueError, match="does not match its stored config"):
+        read_checkpoint(folder, weights=False)  # a wrong shape is caught from the index too
 
 
 def test_ddp_fit_two_cpu_processes_with_fewer_val_windows_than_ranks(tmp_path, shakespeare_path):
@@ -415,3 +442,120 @@ def test_ctrl_c_stops_both_ranks_at_one_step_with_a_usable_checkpoint(tmp_path, 
     step = int(stderr.split("interrupted at step ")[1].split(":")[0])
     loaded = load_checkpoint(last)
     assert loaded.global_step == step and step % 2 == 0  # stopped at a logging interval, where both ranks were
+
+
+# --- sharded checkpoints: step folders, a kill mid-save, resuming on another number of processes ---------------
+
+
+class StallInSave(ShardedStrategy):
+    """ShardedStrategy that stops forever in the save of step 4, after every rank's shards are written and before
+    the commit (marking <version folder>/stalled), so a test can kill the run there."""
+
+    def commit(self, checkpoint: dict, staging: Path, folder: Path) -> None:
+        if checkpoint["global_step"] == 4:
+            import time
+
+            if self.is_global_zero:
+                (staging.parent.parent / "stalled").touch()
+            time.sleep(600)
+        super().commit(checkpoint, staging, folder)
+
+
+def sharded_fit(cwd: Path, data: Path, devices: int, *args: str, popen: bool = False):
+    """`fit` of configs/debug.yaml under ShardedStrategy (pure FSDP2 on `devices` processes), a global batch of 8
+    windows, the loss logged at every step."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "project", "fit", "--config", str(REPO / "configs" / "debug.yaml"), "--config",
+               str(REPO / "configs" / "strategy" / "tp.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices",
+               str(devices), "--trainer.strategy.data_parallel_size", str(devices),
+               "--trainer.strategy.tensor_parallel_size", "1", "--data.batch_size", str(8 // devices),
+               "--data.data_dir", str(data), "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "1000",
+               "--samples.max_new_tokens", "0", "--trainer.enable_progress_bar", "false", *args]
+    if popen:
+        return subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """train/loss by step from the newest event file of a run folder (a resumed run writes a new one)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    newest = max(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    events = EventAccumulator(str(newest), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shakespeare_path) -> dict:
+    """The reference: 6 steps on one process (batch 8), never interrupted; its data folder, shared."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = root / "data"
+    (data / "tinyshakespeare").mkdir(parents=True)
+    shutil.copy(shakespeare_path, data / "tinyshakespeare" / "input.txt")
+    done = sharded_fit(root, data, 1, "--trainer.max_steps", "6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"data": data, "losses": losses_by_step(root / "runs" / "gpt" / "version_0")}
+
+
+@pytest.mark.slow  # 2 processes, killed, then one
+def test_a_kill_mid_save_leaves_last_complete_and_the_run_resumes_on_one_process(tmp_path, uninterrupted):
+    """2 processes save sharded checkpoints every 2 steps into step folders; killed inside the save of step 4
+    (every shard written, nothing committed), the run leaves step-2 complete, `last` still names it, and the
+    half-written save is a hidden temporary. `fit --ckpt_path last` on one process (2 -> 1) resumes from step 2,
+    removes the leftover and trains on with the uninterrupted run's losses."""
+    import signal
+    import time
+
+    run = sharded_fit(tmp_path, uninterrupted["data"], 2, "--trainer.max_steps", "100",
+                      "--last_checkpoint.every_n_train_steps", "2",
+                      "--trainer.strategy.class_path", "tests.test_parallel.StallInSave", popen=True)
+    version = tmp_path / "runs" / "gpt" / "version_0"
+    deadline = time.monotonic() + 180
+    while not (version / "stalled").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (version / "stalled").exists(), run.stderr.read()[-3000:] if run.poll() is not None else "never stalled"
+    os.killpg(run.pid, signal.SIGKILL)  # every rank, in the middle of the save
+    run.wait(timeout=60)
+    checkpoints = version / "checkpoints"
+    staged = list(checkpoints.glob(".step-000000004.*.tmp"))
+    assert len(staged) == 1 and list(staged[0].glob("__*_0.distcp")) and not (staged[0] / "meta.pt").exists()
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000000002"]
+    assert os.readlink(checkpoints / "last.ckpt") == "step-000000002"
+
+    resumed = sharded_fit(tmp_path, uninterrupted["data"], 1, "--trainer.max_steps", "6", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step-000000002" in resumed.stderr  # `last`: the newest complete step folder
+    assert not list(checkpoints.glob(".step-*.tmp"))  # the killed save's leftover, removed at the start
+    assert os.readlink(checkpoints / "last.ckpt") == "step-000000006"
+    losses, expected = losses_by_step(version), uninterrupted["losses"]
+    assert sorted(losses) == [3, 4, 5, 6]
+    for step, loss in losses.items():
+        assert loss == pytest.approx(expected[step], abs=1e-5), (step, losses, expected)
+
+
+@pytest.mark.slow  # one process, then 2
+def test_a_one_process_run_resumes_on_two_with_the_same_losses(tmp_path, uninterrupted):
+    """1 -> 2: a sharded checkpoint written by one process is resharded on load for two (FSDP2); the global batch
+    is kept (2 x 4 windows), so the losses continue as the uninterrupted run's. Old step folders are pruned to
+    keep_checkpoints, except those a link names."""
+    first = sharded_fit(tmp_path, uninterrupted["data"], 1, "--trainer.max_steps", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = sharded_fit(tmp_path, uninterrupted["data"], 2, "--trainer.max_steps", "6", "--ckpt_path", "last",
+                          "--last_checkpoint.every_n_train_steps", "1", "--trainer.strategy.keep_checkpoints", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    version = tmp_path / "runs" / "gpt" / "version_0"
+    losses, expected = losses_by_step(version), uninterrupted["losses"]
+    assert sorted(losses) == [4, 5, 6]
+    for step, loss in losses.items():
+        assert loss == pytest.approx(expected[step], abs=1e-5), (step, losses, expected)
+    checkpoints = version / "checkpoints"
+    linked = {os.readlink(p) for p in checkpoints.iterdir() if p.is_symlink()}
+    kept = sorted(p.name for p in checkpoints.glob("step-*"))
+    assert kept[-2:] == ["step-000000005", "step-000000006"] and set(kept[:-2]) <= linked | {"step-000000003"}
