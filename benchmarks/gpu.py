@@ -37,6 +37,9 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from lightning.pytorch import Callback
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -53,7 +56,6 @@ def log(message: str) -> None:
 def environment(device) -> dict:
     """What ran: versions, the device, and which attention backends torch may choose from."""
     import lightning
-    import torch
 
     info = {"torch": torch.__version__, "lightning": lightning.__version__, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -71,12 +73,6 @@ def datasheet_peak(device_name: str) -> float | None:
 # --- 1. training ------------------------------------------------------------------------------------------------
 
 
-try:
-    from lightning.pytorch import Callback
-except ImportError:  # only the --help of a machine without lightning gets here
-    Callback = object
-
-
 class Probe(Callback):
     """Added to the benchmark's fit (`--trainer.callbacks+=__main__.Probe`): the device's peak memory over the
     training, and one profiled training micro-batch: the attention operators and kernels that really ran."""
@@ -88,13 +84,10 @@ class Probe(Callback):
         self.peak_allocated_mib = self.peak_reserved_mib = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        import torch
-
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        import torch
         from torch.profiler import ProfilerActivity, profile
 
         if self.profiler is None and not self.attention and trainer.global_step >= self.profile_step:
@@ -103,8 +96,6 @@ class Probe(Callback):
             self.profiler.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        import torch
-
         if self.profiler is None:
             return
         if pl_module.device.type == "cuda":
@@ -115,8 +106,6 @@ class Probe(Callback):
         self.profiler = None
 
     def on_train_end(self, trainer, pl_module) -> None:
-        import torch
-
         if pl_module.device.type == "cuda":
             self.peak_allocated_mib = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
             self.peak_reserved_mib = torch.cuda.max_memory_reserved(pl_module.device) / 2**20
@@ -135,8 +124,6 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def train(args, device, work: Path) -> dict:
     from project.cli import run_lightning
     from project.training.monitoring import measure_matmul_flops
-
-    import torch
 
     name = environment(device)["device_name"]
     datasheet = datasheet_peak(name)
@@ -198,7 +185,6 @@ def validation_step_peak_mib(variant: str, config, batch_size: int, device) -> f
     "after": GPTModule.validation_step as it is (the loss in row chunks, perplexity from the loss). "before": the
     step this project had until now: the loss on a float32 copy of all logits, then torchmetrics' Perplexity on
     another (which takes a float32 softmax of them)."""
-    import torch
     import torch.nn.functional as F
     from torchmetrics.text import Perplexity
 
@@ -260,8 +246,6 @@ def run_command(*words: str) -> tuple[str, float]:
 
 
 def generate_and_export(checkpoint: str, device, work: Path, new_tokens: int) -> dict:
-    import torch
-
     from project.formats.checkpoint import load_checkpoint
 
     text, generate_seconds = run_command("generate", "--ckpt_path", checkpoint, "--prompt", "ROMEO:",
@@ -348,7 +332,6 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.tiktoken_cache:
         os.environ["TIKTOKEN_CACHE_DIR"] = str(args.tiktoken_cache.resolve())
-    import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -15,7 +15,7 @@ from project.model import GPT, GPTConfig
 from project.tokenizer import Tokenizer, tokenizer_from_state
 from project.training.optim import OptimizerSettings, build_optimizer
 
-TRAIN_LOSS, VAL_LOSS, VAL_PPL, VAL_BPB = "train/loss", "val/loss", "val/ppl", "val/bpb"
+VAL_LOSS, VAL_PPL, VAL_BPB = "val/loss", "val/ppl", "val/bpb"  # train/loss: project.training.step_stats
 
 
 class PerplexityFromLoss(MeanMetric):
