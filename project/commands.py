@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ PROG = "python -m project"  # the name usage lines show (the `gpt` script runs t
 # MisconfigurationException, for settings it cannot honour: see `user_errors`)
 USER_ERRORS = (ValueError, ConnectionError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
                IsADirectoryError)
+UNSTREAMED_TOKEN_LIMIT = 100_000  # `generate` without --stream prints nothing before the end: a count one can wait for
 MEMORY_HINT = ("lower --model.config.block_size, n_embd or n_layer, --data.batch_size, or the generation's "
                "--max_new_tokens")
 
@@ -62,20 +64,25 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: Generati
             distributed checkpoint folder, or a transformers directory written by `python -m project export`.
         prompt: text to continue.
         generation: sampling settings (--generation.temperature 0 is greedy).
-        stream: print text as it is generated.
+        stream: print text as it is generated (without it, the whole text once it is complete).
         device: torch device, e.g. cpu or cuda.
     """
     from project.generate import stream as stream_text
 
+    if not stream and generation.max_new_tokens > UNSTREAMED_TOKEN_LIMIT:
+        raise ValueError(f"--generation.max_new_tokens {generation.max_new_tokens:,} without --stream true prints "
+                         "nothing until every token is sampled, which may never end: pass --stream true, or at "
+                         f"most {UNSTREAMED_TOKEN_LIMIT:,} tokens")
     configure_threads()
     loaded = load_model(resolve_checkpoint(ckpt_path), device=device)
     pieces = stream_text(loaded.model, loaded.tokenizer, prompt, generation)
     first = next(pieces, "")  # checks the prompt and settings before anything is printed
+    if not stream:
+        pieces = iter(["".join(pieces)])  # the whole text, printed at once
     sys.stdout.write(prompt + first)
     for piece in pieces:
         sys.stdout.write(piece)
-        if stream:
-            sys.stdout.flush()
+        sys.stdout.flush()
     sys.stdout.write("\n")
 
 
@@ -106,10 +113,10 @@ def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = 
         context = loaded.model.config.block_size
         print(f"exported {loaded.path} to {path} ({dtype}, {size_of(path)}, llama.cpp architecture "
               f"{gguf_architecture(loaded.model.config)}, context {context} tokens) and {path.parent / MODELFILE} "
-              f"(num_ctx {context})\n"
-              f"  keep prompt + new tokens within {context}: llama.cpp stops (or aborts) at the end of a "
-              "learned-position context\n"
-              f"  try: python -c \"import llama_cpp; print(llama_cpp.Llama('{path}', n_ctx={context}, verbose=False)"
+              f"(num_ctx {context}, num_predict {context // 2})\n"
+              f"  keep prompt + new tokens within {context}: past the context a model with learned positions makes "
+              "llama.cpp abort, whatever n_ctx says\n"
+              f"  try: python -c \"import llama_cpp; print(llama_cpp.Llama('{path}', n_ctx=0, verbose=False)"
               f".create_completion('ROMEO:', max_tokens={context // 2})['choices'][0]['text'])\"")
         return
     if dtype != "f32":
@@ -211,8 +218,10 @@ def evaluate_command(
     """
     from project.data.corpus import Split
     from project.data.overlap import MIN_LINE_CHARS, overlap
-    from project.evaluate import evaluate, scored_text  # imports lm_eval only when it runs
+    from project.evaluate import check_evaluation, evaluate, scored_text  # imports lm_eval only when it runs
 
+    names = [name.strip() for name in tasks.split(",") if name.strip()] if tasks else None
+    check_evaluation(text=text, choices=choices, tasks=names, limit=limit, batch_size=batch_size)  # before loading
     configure_threads()
     loaded = load_model(resolve_checkpoint(ckpt_path), device=device)
     split = Split(**loaded.split)
@@ -225,7 +234,6 @@ def evaluate_command(
                   f"({seen.found:,} of {seen.compared:,} lines of {MIN_LINE_CHARS} or more characters): its scores "
                   "are not those of unseen text; score --part test (or val) of the training corpus, or another file",
                   file=sys.stderr)
-    names = [name.strip() for name in tasks.split(",") if name.strip()] if tasks else None
     import datasets
 
     datasets.disable_progress_bars()  # the harness loads local files through `datasets`: our bar shows the scoring
@@ -287,7 +295,7 @@ def guide_command(
     """Execute the guide's notebooks and print them as one PDF (title page, contents, chapters, appendix).
 
     Args:
-        out: the PDF to write.
+        out: the PDF to write (an existing file is never replaced).
         notebooks: a subset, comma-separated names or prefixes, e.g. 03,appendix (default: every notebook, in
             file-name order).
         notebook_dir: the folder of notebooks.
@@ -313,14 +321,14 @@ def train_tokenizer_command(*, path: str, out: str, vocab_size: int = 4096) -> N
         vocab_size: tokens in the vocabulary: 256 bytes + end-of-text + merges (257 to 65536).
     """
     from project.data.corpus import read_text, train_tokenizer
-    from project.tokenizer import TOKENIZER_FILE
+    from project.tokenizer import TOKENIZER_FILE, tokenizer_spec
 
     tokenizer = train_tokenizer(path, vocab_size, out)
     text = read_text(path)
     tokens = len(tokenizer.encode(text))
     print(f"trained a byte-level BPE of {tokenizer.vocab_size:,} tokens on {path} ({len(text):,} characters) and wrote "
           f"{Path(out) / TOKENIZER_FILE}: it cuts that text into {tokens:,} tokens, {len(text) / tokens:.2f} "
-          f"characters each\n  use it: {PROG} fit --config ... --data.tokenizer {out}")
+          f"characters each\n  use it: {PROG} fit --config ... --data.tokenizer {tokenizer_spec(out)}")
 
 
 # the project's own commands, beside LightningCLI's fit/validate/test/predict
@@ -366,6 +374,10 @@ class OneLineErrors:
 
     def error(self, message: str, ex: Exception | None = None):
         return super().error(" ".join(str(message).split()), ex)
+
+    def print_usage(self, file=None) -> None:
+        """One usage line before the error (the options are in --help)."""
+        (file or sys.stderr).write(f"usage: {self.prog} [options]\n")
 
 
 def command_parser() -> type:
@@ -441,17 +453,28 @@ def main(argv: list[str] | None = None) -> None:
             raise  # our bug: the traceback is the report
         print(f"error: not enough memory ({one_line(err)[:160]}): {MEMORY_HINT}", file=sys.stderr)
         sys.exit(1)
+    except SystemExit as err:
+        # Lightning ends a fit stopped by SIGTERM (last.ckpt saved) with SIGTERMException, a SystemExit of status 0;
+        # the shell convention for "terminated" is 128 + 15 (the module is loaded if Lightning ran at all)
+        lightning_exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+        if lightning_exceptions is not None and isinstance(err, lightning_exceptions.SIGTERMException):
+            sys.exit(128 + signal.SIGTERM)
+        raise
 
 
 def fit_command(argv: list[str] | None) -> None:
     """fit/validate/test/predict through LightningCLI (project/cli.py, which imports Lightning); `fit` ends with
     what happened (`describe_fit`)."""
     from project.cli import run_lightning
+    from project.training.interrupt import interrupted_step
+    from project.training.report import fit_report
 
     configure_threads()
-    report = run_lightning(argv, descriptions=LIGHTNING_SUMMARIES)  # None: LightningCLI reads sys.argv itself
-    if report is not None:
-        print("\n".join(describe_fit(report)))
+    trainer = run_lightning(argv, descriptions=LIGHTNING_SUMMARIES)  # None: LightningCLI reads sys.argv itself
+    if trainer.state.fn == "fit" and trainer.is_global_zero:
+        print("\n".join(describe_fit(fit_report(trainer))))
+    if interrupted_step(trainer) is not None:
+        sys.exit(130)  # stopped by Ctrl-C (after saving last.ckpt): the shell's status for SIGINT
 
 
 def describe_fit(report) -> list[str]:
@@ -463,6 +486,8 @@ def describe_fit(report) -> list[str]:
            "max_time": f"stopped by max_time ({duration(report.max_time_s or 0)}) at step {report.step:,}{of}; the "
                        "learning rate followed the time budget to its floor",
            "max_epochs": f"reached max_epochs at step {report.step:,}{took}",
+           "interrupted": f"interrupted (Ctrl-C) at step {report.step:,}{of}{took}; to continue, run the same "
+                          "command with --ckpt_path last",
            }.get(report.stopped_by, f"stopped by a callback (e.g. early stopping) at step {report.step:,}{took}")
     lines = [f"fit: {why}"]
     if report.metrics:

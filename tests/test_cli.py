@@ -135,7 +135,9 @@ def test_train_tokenizer_command_writes_a_folder_fit_can_use(shakespeare_path, t
     from project.tokenizer import BPETokenizer
 
     main(["train-tokenizer", "--path", str(shakespeare_path), "--vocab_size", "512", "--out", str(tmp_path / "tok")])
-    assert "512 tokens" in capsys.readouterr().out
+    out = capsys.readouterr().out  # what it wrote, how it cuts its corpus, and how to use it
+    assert f"trained a byte-level BPE of 512 tokens on {shakespeare_path}" in out and "characters each" in out
+    assert f"wrote {tmp_path / 'tok' / 'tokenizer.json'}" in out and "--data.tokenizer " in out
     tokenizer = BPETokenizer.from_dir(tmp_path / "tok")
     assert tokenizer.vocab_size == 512 and tokenizer.decode(tokenizer.encode("ROMEO: 🙂")) == "ROMEO: 🙂"
 
@@ -227,6 +229,27 @@ def test_last_and_best_are_the_newest_runs_checkpoints(tmp_path):
         find_checkpoint("best", tmp_path / "elsewhere")
 
 
+def test_last_is_a_sharded_runs_newest_complete_step_folder(tmp_path):
+    """The one resolver knows ShardedStrategy's layout: step folders renamed into place once complete, last.ckpt
+    and best-stepN.ckpt links to them. `last` is the newest complete folder, even when last.ckpt still names an
+    older one (a run killed between the two), and never a half-written one."""
+    import os
+
+    from project.formats.runs import META_FILE, METADATA_FILE, find_checkpoint, step_folder_name
+
+    folder = tmp_path / "runs" / "tp" / "version_0" / "checkpoints"
+    for step in (100, 120):
+        (folder / step_folder_name(step)).mkdir(parents=True)
+        for name in (METADATA_FILE, META_FILE):
+            (folder / step_folder_name(step) / name).write_bytes(b"x")
+    (folder / ".step-000000140.4711.tmp").mkdir()  # a save in progress
+    (folder / step_folder_name(160)).mkdir()  # no index: not complete
+    os.symlink(step_folder_name(100), folder / "last.ckpt")
+    os.symlink(step_folder_name(100), folder / "best-step100.ckpt")
+    assert find_checkpoint("last", tmp_path / "runs") == folder / step_folder_name(120)
+    assert find_checkpoint("best", tmp_path / "runs", name="tp") == folder / "best-step100.ckpt"
+
+
 class Loaded(Exception):
     """Raised by a stand-in load_model: the command got as far as loading this path."""
 
@@ -239,6 +262,7 @@ def test_every_command_resolves_last_and_best_alike(command, which, trained_run,
     import project.commands
 
     shutil.copytree(trained_run["run_dir"], tmp_path / "runs" / "gpt" / "version_0")
+    (tmp_path / "t.txt").write_text("ROMEO: what light\n")  # evaluate checks its --text before loading
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(project.commands, "load_model", lambda path, **kwargs: (_ for _ in ()).throw(Loaded(path)))
     if command[0] == "serve":
@@ -277,3 +301,39 @@ def test_validate_and_predict_make_no_run_folder_that_hides_the_training_run(tra
     assert not Path("config.yaml").exists() and not Path("checkpoints").exists()
     code, err = run_main(capsys, "generate", "--ckpt_path", "last", "--generation.max_new_tokens", "3")
     assert code == 0, err
+def test_bf16_mixed_fit_trains_with_float32_weights(data_dir, tmp_path, capsys, monkeypatch):
+    """bf16-mixed, the precision of the GPU config (configs/gpt2-124m.yaml), through the command line on a CPU:
+    the loss falls, clipping and the fused optimizer run under autocast, and the weights stay float32."""
+    from conftest import run_main
+
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, "fit", "--config", str(REPO / "configs" / "debug.yaml"), "--data.data_dir",
+                         str(data_dir), "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "12",
+                         "--trainer.val_check_interval", "6", "--trainer.log_every_n_steps", "3",
+                         "--trainer.enable_progress_bar", "false", "--samples.max_new_tokens", "8")
+    assert code == 0, err[-2000:]
+    run_dir = tmp_path / "runs" / "gpt" / "version_0"
+    logged = scalars(run_dir)
+    assert all(math.isfinite(v) for v in logged["train/loss"]) and logged["val/loss"][-1] < logged["val/loss"][0]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 12
+    assert {w.dtype for w in checkpoint["state_dict"].values()} == {torch.float32}
+
+
+@pytest.mark.slow  # torch.compile: ~30 s cold on a CPU
+def test_compiled_fit_logs_text_samples(data_dir, tmp_path, capsys, monkeypatch):
+    """`model.compile: true` (the GPU config's) with the text samples logged after each validation: the
+    compiled model trains, and samples from it after every validation."""
+    from conftest import run_main
+
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, "fit", "--config", str(REPO / "configs" / "debug.yaml"), "--data.data_dir",
+                         str(data_dir), "--model.compile", "true", "--trainer.max_steps", "4",
+                         "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "2",
+                         "--trainer.enable_progress_bar", "false", "--samples.max_new_tokens", "16")
+    assert code == 0, err[-2000:]
+    events = EventAccumulator(str(tmp_path / "runs" / "gpt" / "version_0"), size_guidance={"tensors": 0})
+    events.Reload()
+    samples = events.Tensors("samples/text_summary")
+    assert [s.step for s in samples] == [2, 4]
+    assert all(s.tensor_proto.string_val[0].strip() for s in samples)

@@ -10,7 +10,8 @@ to the README is picked up by itself.
 - `python -c ...`, the Python blocks (the OpenAI client, against a real `serve` of the README's own command on a
   free port), `tensorboard` (until it listens): run.
 - Installation (`pip`, `python -m venv`, `apt-get`) and `python -m pytest`: checked against what `.ci/run` does.
-- `ollama`: not installed here; the Modelfile it reads is checked (the GGUF file beside it, num_ctx = the context).
+- `ollama`: not installed here; the Modelfile it reads is checked (the GGUF file beside it, num_ctx = the context,
+  num_predict half of it).
 - The example of what `fit` prints (the `text` block after the quick start) is matched, line by line, against what
   the quick start's own `fit` printed, numbers aside.
 """
@@ -214,7 +215,7 @@ def check_modelfile(path: Path | None) -> None:
     reader = gguf.GGUFReader(Path(model))
     arch = reader.get_field("general.architecture").contents()
     context = reader.get_field(f"{arch}.context_length").contents()
-    assert f"PARAMETER num_ctx {context}\n" in modelfile
+    assert f"PARAMETER num_ctx {context}\n" in modelfile and f"PARAMETER num_predict {context // 2}\n" in modelfile
 
 
 def check_tensorboard(words: list[str]) -> None:

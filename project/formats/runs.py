@@ -2,9 +2,10 @@
 
 `fit` writes each run to `<runs>/<name>/version_N/` (TensorBoard's layout) with its checkpoints in
 `checkpoints/`: `last.ckpt`, the newest training state, and `best-step<S>.ckpt`, the lowest val/loss so far. A
-distributed run writes each as a folder of the same name.
+sharded run (project.training.strategy.ShardedStrategy) saves each checkpoint to a DCP folder `step-<S>/`, named so
+only once complete, and makes last.ckpt and best-step<S>.ckpt links to those folders.
 
-    --ckpt_path last    the newest run's last.ckpt
+    --ckpt_path last    the newest run's last.ckpt (a sharded run's: its newest complete step folder)
     --ckpt_path best    the newest run's best checkpoint
 
 "The newest run" is the run folder holding the most recently written checkpoint, under `runs/` of the current
@@ -15,6 +16,7 @@ that has not saved yet) are never chosen.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -24,12 +26,36 @@ LAST = "last.ckpt"
 BEST_PATTERN = "best*.ckpt"
 Which = Literal["last", "best"]
 WHICH = ("last", "best")
+METADATA_FILE, META_FILE = ".metadata", "meta.pt"  # a DCP folder's index and Lightning's meta.pt in it
+STEP_FOLDER = re.compile(r"step-(\d{9})")
+
+
+def step_folder_name(step: int) -> str:
+    """The folder a sharded run saves the checkpoint of optimizer step `step` to."""
+    return f"step-{step:09d}"
+
+
+def is_step_folder(path: Path) -> bool:
+    """A complete step folder: named step-N (renamed so only once complete), with its index and meta.pt."""
+    return (STEP_FOLDER.fullmatch(path.name) is not None and path.is_dir() and not path.is_symlink()
+            and (path / METADATA_FILE).is_file() and (path / META_FILE).is_file())
+
+
+def step_folders(folder: Path) -> list[Path]:
+    """The complete step folders in `folder`, oldest first."""
+    return sorted((p for p in folder.iterdir() if is_step_folder(p)), key=lambda p: p.name) if folder.is_dir() else []
+
+
+def latest_step_folder(folder: Path) -> Path | None:
+    """The newest complete step folder in `folder` (a checkpoints folder), or None."""
+    folders = step_folders(folder)
+    return folders[-1] if folders else None
 
 
 def run_checkpoints(run: Path) -> list[Path]:
-    """The checkpoints (files or distributed folders) a run folder holds."""
+    """The checkpoints a run folder holds: files, distributed folders, links to step folders, step folders."""
     folder = run / CHECKPOINTS
-    return [p for p in folder.glob("*.ckpt")] if folder.is_dir() else []
+    return [p for p in folder.glob("*.ckpt") if p.exists()] + step_folders(folder)
 
 
 def newest_run(runs: Path, name: str | None = None) -> Path | None:
@@ -55,15 +81,16 @@ def find_checkpoint(which: Which, runs: str | Path = RUNS_DIR, name: str | None 
 
 
 def checkpoint_in(folder: Path, which: Which) -> Path:
-    """last.ckpt, or the best checkpoint (with save_top_k > 1: the latest written of them), in a checkpoints
-    folder; FileNotFoundError when it has none yet."""
+    """last.ckpt (a sharded run's newest complete step folder), or the best checkpoint (with save_top_k > 1: the
+    latest written of them), in a checkpoints folder; FileNotFoundError when it has none yet."""
     if which == "last":
-        path = folder / LAST
-        if not path.exists():
+        # a sharded run's newest complete step folder (last.ckpt links to it too, unless the run died in between)
+        path = latest_step_folder(folder) or folder / LAST
+        if not (path.is_file() or (path / METADATA_FILE).is_file()):  # a file or a DCP folder
             raise FileNotFoundError(f"--ckpt_path last: {folder} has no {LAST}: pass --ckpt_path best or a "
                                     "checkpoint path")
         return path
-    best = list(folder.glob(BEST_PATTERN))
+    best = [p for p in folder.glob(BEST_PATTERN) if p.exists()]
     if not best:
         raise FileNotFoundError(f"--ckpt_path best: {folder} has no best checkpoint yet (one is written at each "
                                 "validation): pass --ckpt_path last")

@@ -2,8 +2,9 @@
 
 `RunReport` (always on in `fit`) logs one line when training starts (the model, where the run is written) and
 keeps the last validation's metrics; `fit_report` reads the finished Trainer into a `FitReport`, which
-`python -m project fit` prints. A run interrupted by Ctrl-C or an error is reported by
-`LatestCheckpoint.on_exception` (project/training/checkpointing.py), which saves last.ckpt.
+`python -m project fit` prints, also after a Ctrl-C (project/training/interrupt.py). A run stopped by an error (a
+NaN loss: project/training/nan_guard.py) is reported by `LatestCheckpoint.on_exception`
+(project/training/checkpointing.py), which saves last.ckpt.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Timer
 
 from project.training.checkpointing import LatestCheckpoint
+from project.training.interrupt import interrupted_step
 from project.training.monitoring import TextSampleCallback
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,8 @@ class FitReport:
     """The outcome of `fit`.
 
     Attributes:
-        stopped_by: "max_steps", "max_time", "max_epochs" or "a callback" (e.g. early stopping).
+        stopped_by: "max_steps", "max_time", "max_epochs", "interrupted" (Ctrl-C) or "a callback" (e.g. early
+            stopping). A NaN loss ends `fit` with an error instead (project.training.nan_guard).
         step: optimizer steps done (resumed ones included).
         max_steps: the step limit, or None without one.
         max_time_s: the time limit in seconds, or None without one.
@@ -107,7 +110,9 @@ def fit_report(trainer: Trainer) -> FitReport:
     report = next((c for c in callbacks if isinstance(c, RunReport)), RunReport())
     timer = timer_of(trainer)
     max_steps = trainer.max_steps if trainer.max_steps > 0 else None
-    if max_steps is not None and trainer.global_step >= max_steps:
+    if interrupted_step(trainer) is not None:
+        stopped_by = "interrupted"
+    elif max_steps is not None and trainer.global_step >= max_steps:
         stopped_by = "max_steps"
     elif timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
         stopped_by = "max_time"
