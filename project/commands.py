@@ -141,7 +141,7 @@ def size_of(path: Path) -> str:
 @functools.wraps(consolidate_checkpoint)
 def consolidate_command(*, ckpt_path: str, out: str) -> None:
     source = resolve_checkpoint(ckpt_path)
-    target = consolidate_checkpoint(ckpt_path=str(source), out=out)
+    target = consolidate_checkpoint(ckpt_path=source, out=out)
     print(f"consolidated {source} into {target} ({size_of(target)}: weights, optimizer state, schedule and loop "
           f"state, tokenizer): sample with `{PROG} generate --ckpt_path {target}`, resume on one device with "
           f"`{PROG} fit --config ... --ckpt_path {target}`")

@@ -220,7 +220,8 @@ def test_last_and_best_are_the_newest_runs_checkpoints(tmp_path):
     assert find_checkpoint("last", runs) == new / "last.ckpt"
     assert find_checkpoint("best", runs) == new / "best-step30.ckpt"  # the latest best of a top-k
     assert find_checkpoint("last", runs, name="shakespeare") == old / "last.ckpt"  # fit: its own logger's runs
-    assert resolve_checkpoint("some/file.ckpt", runs) == Path("some/file.ckpt")
+    assert resolve_checkpoint("last", runs) == str(new / "last.ckpt")
+    assert resolve_checkpoint("http://host/x.ckpt", runs) == "http://host/x.ckpt"  # as given: the reader refuses URLs
     (old / "last.ckpt").unlink()
     (new / "last.ckpt").unlink()
     with pytest.raises(FileNotFoundError, match="has no last.ckpt: pass --ckpt_path best"):

@@ -97,9 +97,9 @@ def checkpoint_in(folder: Path, which: Which) -> Path:
     return max(best, key=lambda p: (p.stat().st_mtime, p.name))
 
 
-def resolve_checkpoint(ckpt_path: str | Path, runs: str | Path = RUNS_DIR, name: str | None = None) -> Path:
-    """`ckpt_path` as a path: `last` and `best` become the newest run's checkpoint (`find_checkpoint`); any
-    other value is returned as it is (the reader checks it)."""
-    if str(ckpt_path) in WHICH:
-        return find_checkpoint(str(ckpt_path), runs, name)
-    return Path(ckpt_path)
+def resolve_checkpoint(ckpt_path: str, runs: str | Path = RUNS_DIR, name: str | None = None) -> str:
+    """`last` and `best` become the newest run's checkpoint (`find_checkpoint`); any other value is returned as
+    it is, not even made a Path (which would turn a URL into a file name): the reader checks it."""
+    if ckpt_path in WHICH:
+        return str(find_checkpoint(ckpt_path, runs, name))
+    return ckpt_path
