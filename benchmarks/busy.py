@@ -47,6 +47,8 @@ def fit(tree: Path, env: dict[str, str], minutes: float, work: Path, name: str, 
                "--data.data_dir", str(work / "data")]
     if args.data_path:
         command += ["--data.path", args.data_path]
+    if args.log_every:
+        command += ["--trainer.log_every_n_steps", str(args.log_every)]
     before = loadavg()
     start = time.perf_counter()
     result = subprocess.run(command, cwd=work, capture_output=True, text=True,
@@ -56,7 +58,8 @@ def fit(tree: Path, env: dict[str, str], minutes: float, work: Path, name: str, 
         raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
     logged = last_scalars(save_dir / name / "version_0")
     lr = next((logged[t] for t in logged if "lr" in t and "muon" in t), None)  # train/lr_muon, or lr-...muon before
-    return {"steps": max(s for s, _ in logged["train/loss"]), "lr": lr[-1][1] / max(v for _, v in lr) if lr else nan,
+    # the last step: the final validation's (the training scalars come every log_every_n_steps)
+    return {"steps": max(s for series in logged.values() for s, _ in series), "lr": lr[-1][1] / max(v for _, v in lr) if lr else nan,
             "val_loss": logged["val/loss"][-1][1], "val_bpb": logged["val/bpb"][-1][1], "wall": wall,
             "load": f"{before} -> {loadavg()}", "stderr": result.stderr}
 
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="*", default=[], help="extra runs of this tree with VAR=VALUE set")
     parser.add_argument("--env", nargs="*", default=[], help="VAR=VALUE set for every run (e.g. OMP_NUM_THREADS=1)")
     parser.add_argument("--data-path", default=str(SHARED / "tinyshakespeare" / "input.txt"))
+    parser.add_argument("--log-every", type=int, help="--trainer.log_every_n_steps (the config's 10 by default)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="busy-"))
     common = dict(v.split("=", 1) for v in args.env)
