@@ -160,12 +160,13 @@ def add_callback(trainer_config, class_path: str, init_args: dict | None = None)
     trainer_config.callbacks = [*callbacks, Namespace(class_path=class_path, init_args=Namespace(**(init_args or {})))]
 
 
+@rank_zero_only  # other ranks get None: Lightning broadcasts rank 0's folder to them
 def claim_run_folder(config) -> Path | None:
     """A new run's version folder, claimed now (`claim_next_version`) and set as the logger's version, so runs
     started together in one folder never share one. None when the version is set (a resume), no logger writes, or
     this is another rank's process (Lightning broadcasts rank 0's folder to them)."""
     init = logger_init_args(config)
-    if rank_zero_only.rank != 0 or init is None or init.get("version", False) is not None or None in (init.get("save_dir"), init.get("name")):
+    if init is None or init.get("version", False) is not None or None in (init.get("save_dir"), init.get("name")):
         return None
     folder = claim_next_version(Path(init.save_dir, init.name))
     init.version = int(folder.name.removeprefix("version_"))
