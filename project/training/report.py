@@ -66,9 +66,14 @@ class RunReport(Callback):
         self.validated_at: int | None = None
         self.metrics: dict[str, float] = {}
         self.started: float | None = None
+        self.run_dir: Path | None = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.started = time.monotonic()
+        # Trainer.log_dir is a collective (a broadcast from rank 0): every rank asks, here, and never after training,
+        # when the other ranks may have gone
+        log_dir = trainer.log_dir if trainer.logger is not None else None
+        self.run_dir = Path(log_dir) if log_dir else None
         if not trainer.is_global_zero:
             return
         model = getattr(pl_module, "model", None)
@@ -80,7 +85,7 @@ class RunReport(Callback):
                   f"{time_limit(trainer) / 60:.1f} minutes" if time_limit(trainer) else None]
         limit = " or ".join(x for x in limits if x)
         limit = f" for {limit}{', whichever comes first' if None not in limits else ''}" if limit else ""
-        where = f"; writing to {trainer.log_dir}" if trainer.logger is not None and trainer.log_dir else ""
+        where = f"; writing to {self.run_dir}" if self.run_dir is not None else ""
         start = f" from step {trainer.global_step:,}" if trainer.global_step else ""
         log.info("training %s%s%s%s", what, start, limit, where)
 
@@ -131,6 +136,6 @@ def fit_report(trainer: Trainer) -> FitReport:
         metrics=dict(report.metrics), best=best_path,
         best_score=None if best_path is None or best.best_model_score is None else float(best.best_model_score),
         last=latest.path if latest is not None and latest.path is not None and latest.path.exists() else None,
-        run_dir=Path(trainer.log_dir) if trainer.logger is not None and trainer.log_dir else None,
+        run_dir=report.run_dir,
         prompt=samples.prompt if samples is not None else None,
     )
