@@ -297,6 +297,13 @@ class GPT(nn.Module):
 
         `last_only` computes the logits of the last position only, (B, 1, V): all that sampling needs.
         """
+        x = self.hidden(idx, input_pos, last_only)
+        if self.decode_head is not None:
+            return x @ self.decode_head  # (B, T, C) @ (C, V): the same logits, read in a faster layout
+        return self.lm_head(x)  # (B, T, V)
+
+    def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """The final hidden states (B, T, C), after the last norm: what the LM head (or a classifier) reads."""
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.block_size:
@@ -321,10 +328,7 @@ class GPT(nn.Module):
                 x = block(x, rope, input_pos)
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        if self.decode_head is not None:
-            return x @ self.decode_head  # (B, T, C) @ (C, V): the same logits, read in a faster layout
-        return self.lm_head(x)  # (B, T, V)
+        return self.norm(x)
 
     # --- inference helpers -------------------------------------------------------------------------
 
