@@ -152,6 +152,6 @@ def merge_lora(model: GPT) -> GPT:
 
 def parameter_counts(module: nn.Module) -> tuple[int, int]:
     """(trainable, frozen) parameter counts; a tensor shared by two modules (the tied head) counts once."""
-    seen: dict[int, nn.Parameter] = {id(p): p for p in module.parameters()}
-    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-    return trainable, sum(p.numel() for p in seen.values()) - trainable
+    params = list(module.parameters())  # each shared Parameter once
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params) - trainable
