@@ -47,20 +47,8 @@ class GPTCLI(LightningCLI):
     """LightningCLI with the project's always-on callbacks and the data -> model argument links."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # each of these is configurable from YAML or flags, e.g. --last_checkpoint.every_n_train_steps 500
-        # (the best checkpoint by val/loss; last.ckpt beside it: project/training/checkpointing.py)
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": VAL_LOSS, "checkpoint.mode": "min", "checkpoint.save_top_k": 1,
-            "checkpoint.filename": "best-step{step}", "checkpoint.auto_insert_metric_name": False,
-        })
-        parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        add_run_callbacks(parser)
         parser.add_lightning_class_args(TextSampleCallback, "samples")
-        parser.add_lightning_class_args(TokenThroughput, "throughput")
-        parser.add_lightning_class_args(PredictionWriter, "predictions")
-        parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")  # --nan_guard.action stop|skip
         # the vocabulary is known by the data (tokenizer); the context length by the model
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("model.config.block_size", "data.block_size")
@@ -84,21 +72,35 @@ class GPTCLI(LightningCLI):
             resolve_last_checkpoint(config)
         # a missing, truncated, foreign or crafted file: one-line error here, before anything is built
         self.checkpoint = read_checkpoint(config.ckpt_path)
-        check_architecture(config, self.checkpoint, config.ckpt_path)
-        check_tokenizer(config, self.checkpoint, config.ckpt_path)
+        self.check_checkpoint(config, subcommand)
         if subcommand == "fit":
             check_resume_settings(config, self.checkpoint, config.ckpt_path)
         self.compile = config.model.get("compile")  # a resume may switch it: re-applied after the checkpoint's
 
+    def check_checkpoint(self, config, subcommand: str) -> None:
+        """ValueError unless the checkpoint is a pretrained model this config can use (fine-tuned ones are
+        `python -m project finetune`'s)."""
+        task = self.checkpoint["hyper_parameters"].get("task")
+        if task is not None:
+            raise ValueError(f"checkpoint {config.ckpt_path} is fine-tuned (task={task}): use python -m project "
+                             f"finetune {subcommand} --ckpt_path {config.ckpt_path} (generate, serve and export "
+                             "take it as it is)")
+        check_architecture(config, self.checkpoint, config.ckpt_path)
+        check_tokenizer(config, self.checkpoint, config.ckpt_path)
+
     def before_instantiate_classes(self) -> None:
-        """Show training progress in steps (StepProgressBar). A character model's vocabulary comes from its
-        checkpoint, so resuming or predicting needs no corpus; so does a `bpe:N` model's tokenizer when predicting."""
+        """Show training progress in steps (StepProgressBar); add the callbacks every run has."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         add_step_progress_bar(config.trainer)
         add_callback(config.trainer, "project.training.run_folder.RunFolderGuard")  # one writer; no empty folder
         add_callback(config.trainer, "project.training.checkpointing.RandomState")  # dropout resumes exactly
         if getattr(self, "compile", None) is not None:
             config.model.compile = self.compile
+        self.vocabulary_from_checkpoint(config)
+
+    def vocabulary_from_checkpoint(self, config) -> None:
+        """A character model's vocabulary comes from its checkpoint, so resuming or predicting needs no corpus;
+        so does a `bpe:N` model's tokenizer when predicting."""
         ckpt_path = config.get("ckpt_path")
         if config.data.vocabulary or not ckpt_path or not Path(ckpt_path).is_file():
             return
@@ -111,6 +113,23 @@ class GPTCLI(LightningCLI):
             config.data.vocabulary = state["chars"]
         elif state.get("kind") == "bpe" and config.data.tokenizer != "char":
             config.data.vocabulary = state["tokenizer_json"]
+
+
+def add_run_callbacks(parser: LightningArgumentParser) -> None:
+    """The callbacks of every run, each configurable from YAML or flags (--last_checkpoint.every_n_train_steps 500):
+    the best checkpoint by val/loss and last.ckpt beside it (project/training/checkpointing.py), learning rates,
+    tokens/s, predict's writer and the NaN guard."""
+    parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+    parser.set_defaults({
+        "checkpoint.monitor": VAL_LOSS, "checkpoint.mode": "min", "checkpoint.save_top_k": 1,
+        "checkpoint.filename": "best-step{step}", "checkpoint.auto_insert_metric_name": False,
+    })
+    parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
+    parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+    parser.set_defaults({"lr_monitor.logging_interval": "step"})
+    parser.add_lightning_class_args(TokenThroughput, "throughput")
+    parser.add_lightning_class_args(PredictionWriter, "predictions")
+    parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")  # --nan_guard.action stop|skip
 
 
 def add_step_progress_bar(trainer_config) -> None:
@@ -258,19 +277,57 @@ def resolve_last_checkpoint(config) -> None:
     log.info("resuming from %s", newest)
 
 
+class FinetuneCLI(GPTCLI):
+    """`python -m project finetune fit|validate|test|predict`: FineTuneModule and FineTuneDataModule, with the same
+    callbacks, run folders and checkpoint checks as the other commands. The architecture, tokenizer and context
+    come from the base model (--model.init_from), so nothing is linked from the data."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_run_callbacks(parser)
+
+    def check_checkpoint(self, config, subcommand: str) -> None:
+        if self.checkpoint["hyper_parameters"].get("task") is None:
+            raise ValueError(f"checkpoint {config.ckpt_path} is not fine-tuned: fine-tune it with --model.init_from "
+                             f"{config.ckpt_path} (--ckpt_path resumes or evaluates a fine-tuned checkpoint)")
+
+    def vocabulary_from_checkpoint(self, config) -> None:
+        pass  # the tokenizer is the base's, or the checkpoint's
+
+
+def trainer_defaults(run_name: str) -> dict:
+    """The Trainer settings of every run: TensorBoard under runs/<run_name>, clipping, atomic checkpoint files."""
+    return {
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                   "init_args": {"save_dir": "runs", "name": run_name}},
+        "gradient_clip_val": 1.0,
+        "plugins": [{"class_path": "project.training.checkpointing.AtomicCheckpointIO"}],  # files written atomically
+    }
+
+
 def run_lightning(args: list[str] | None) -> None:
     """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv)."""
     GPTCLI(
         GPTModule,
         TextDataModule,
         args=args,
-        trainer_defaults={
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": "runs", "name": "gpt"}},
-            "gradient_clip_val": 1.0,
-            "plugins": [{"class_path": "project.training.checkpointing.AtomicCheckpointIO"}],  # files written atomically
-        },
+        trainer_defaults=trainer_defaults("gpt"),
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,
         parser_kwargs={"default_env": False, "prog": PROG},
+    )
+
+
+def run_finetune(args: list[str]) -> None:
+    """`finetune fit|validate|test|predict` with `args` (project/training/finetune.py)."""
+    from project.data.finetune import FineTuneDataModule
+    from project.training.finetune import FineTuneModule
+
+    FinetuneCLI(
+        FineTuneModule,
+        FineTuneDataModule,
+        args=args,
+        trainer_defaults=trainer_defaults("finetune"),
+        save_config_kwargs={"overwrite": True},
+        parser_class=OneLineErrorParser,
+        parser_kwargs={"default_env": False, "prog": f"{PROG} finetune"},
     )

@@ -23,9 +23,10 @@ import torch
 from jsonargparse import auto_cli
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from project.cli import PROG, OneLineErrorParser, run_lightning
+from project.cli import PROG, OneLineErrorParser, run_finetune, run_lightning
 from project.data.streaming import prepare_corpus  # imports litdata only when it runs
-from project.formats.checkpoint import consolidate_checkpoint, load_model
+from project.data.shakespeare_tasks import build_finetune_data
+from project.formats.checkpoint import consolidate_checkpoint, load_model, save_merged
 from project.formats.gguf import GGUFDtype
 from project.generate import GenerationSettings
 from project.guide import NOTEBOOK_DIR, build_guide  # imports nbclient/nbconvert only when it runs
@@ -43,14 +44,16 @@ def out_of_memory(err: BaseException) -> bool:
     return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
-def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: GenerationSettings = GenerationSettings(),
-                     stream: bool = False, device: str = "cpu") -> None:
+def generate_command(*, ckpt_path: str, prompt: str = "\n", chat: bool = False,
+                     generation: GenerationSettings = GenerationSettings(), stream: bool = False,
+                     device: str = "cpu") -> None:
     """Generate text from a checkpoint and print it (as it is produced with --stream true).
 
     Args:
-        ckpt_path: a .ckpt written by `python -m project fit`, a distributed checkpoint folder, or a
-            transformers directory written by `python -m project export`.
-        prompt: text to continue.
+        ckpt_path: a .ckpt written by `python -m project fit` or `finetune fit`, a distributed checkpoint folder, or
+            a transformers directory written by `python -m project export`.
+        prompt: text to continue; with --chat true, the instruction to answer.
+        chat: answer `prompt` as an instruction-tuned model does, through its prompt template, and print the answer.
         generation: sampling settings (--generation.temperature 0 is greedy).
         stream: print text as it is generated.
         device: torch device, e.g. cpu or cuda.
@@ -58,9 +61,17 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: Generati
     from project.generate import stream as stream_text
 
     loaded = load_model(ckpt_path, device=device)
+    shown: str | list[int] = prompt
+    if chat:
+        if loaded.template is None:
+            raise ValueError(f"{ckpt_path} has no prompt template (it was not instruction-tuned: python -m project "
+                             "finetune): drop --chat to continue the prompt as text")
+        shown = ""
+        prompt, _ = loaded.template.encode([{"role": "user", "content": prompt}], loaded.tokenizer,
+                                           add_generation_prompt=True)
     pieces = stream_text(loaded.model, loaded.tokenizer, prompt, generation)
     first = next(pieces, "")  # checks the prompt and settings before anything is printed
-    sys.stdout.write(prompt + first)
+    sys.stdout.write(shown + first)
     for piece in pieces:
         sys.stdout.write(piece)
         if stream:
@@ -68,21 +79,24 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: Generati
     sys.stdout.write("\n")
 
 
-def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = "hf", dtype: GGUFDtype = "f32",
+def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf", "peft"] = "hf", dtype: GGUFDtype = "f32",
                    overwrite: bool = False) -> None:
-    """Export a checkpoint to a Hugging Face transformers directory, or to GGUF for llama.cpp and Ollama.
+    """Export a checkpoint to a Hugging Face transformers directory, to GGUF for llama.cpp and Ollama, or its LoRA
+    adapters to PEFT.
 
     `--format hf` (GPT-2 or Llama architecture) loads with AutoModelForCausalLM / AutoTokenizer /
     pipeline("text-generation") and gives the same logits as the checkpoint. `--format gguf` writes
-    model.gguf and an Ollama Modelfile (project/formats/gguf.py).
+    model.gguf and an Ollama Modelfile (project/formats/gguf.py). An instruction-tuned model carries its prompt
+    template into both, and LoRA adapters are merged in. `--format peft` writes a LoRA checkpoint's adapters alone,
+    for PEFT on the transformers export of its base (project/formats/peft.py).
 
     Args:
-        ckpt_path: a .ckpt written by `python -m project fit`, a distributed checkpoint folder, or a directory
-            written by `python -m project export`.
+        ckpt_path: a .ckpt written by `python -m project fit` or `finetune fit`, a distributed checkpoint folder,
+            or a directory written by `python -m project export`.
         out: the directory to write (config.json, model.safetensors, generation_config.json, tokenizer files;
-            or model.gguf and Modelfile).
-        format: hf (transformers directory) or gguf (one .gguf file for llama.cpp, plus a Modelfile).
-        dtype: GGUF weight precision (f32, f16 or q8_0); the hf format is always f32.
+            model.gguf and Modelfile; or adapter_config.json and adapter_model.safetensors).
+        format: hf (transformers directory), gguf (one .gguf file for llama.cpp, plus a Modelfile) or peft.
+        dtype: GGUF weight precision (f32, f16 or q8_0); the other formats are always f32.
         overwrite: replace the files of an existing export.
     """
     from project.formats.gguf import check_gguf_output, export_gguf
@@ -91,15 +105,54 @@ def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = 
     if format == "gguf":
         check_gguf_output(out, overwrite)  # fail before loading anything
         loaded = load_model(ckpt_path)
-        path = export_gguf(loaded.model.float(), loaded.tokenizer, out, dtype=dtype, overwrite=overwrite)
+        path = export_gguf(loaded.model.float(), loaded.tokenizer, out, dtype=dtype, overwrite=overwrite,
+                           template=loaded.template)
         print(f"exported {ckpt_path} as GGUF ({dtype}) to {path}, with an Ollama Modelfile beside it")
         return
     if dtype != "f32":
-        raise ValueError(f"--dtype {dtype} applies to --format gguf only: the hf format is always f32")
+        raise ValueError(f"--dtype {dtype} applies to --format gguf only: the {format} format is always f32")
     out_path = check_export_target(out, overwrite)  # fail before loading anything
+    if format == "peft":
+        export_adapters(ckpt_path, out_path, overwrite)
+        return
     loaded = load_model(ckpt_path)
-    export_hf(loaded.model.float(), loaded.tokenizer, out_path, overwrite=overwrite)
+    export_hf(loaded.model.float(), loaded.tokenizer, out_path, overwrite=overwrite, template=loaded.template)
     print(f"exported {ckpt_path} as {hf_architecture(loaded.model.config)} to {out_path}")
+
+
+def export_adapters(ckpt_path: str, out: Path, overwrite: bool) -> None:
+    """`export --format peft`: a LoRA checkpoint's adapters, for PEFT on the transformers export of its base."""
+    from project.formats.checkpoint import load_checkpoint
+    from project.formats.peft import export_peft
+
+    loaded = load_checkpoint(ckpt_path, merge=False)
+    if loaded.lora is None:
+        raise ValueError(f"checkpoint {ckpt_path} holds no LoRA adapters: export the model itself (--format hf)")
+    base = loaded.base
+    hf_base = base if (Path(base) / "config.json").is_file() else None  # a transformers folder PEFT can load
+    export_peft(loaded.model.float(), loaded.lora, out, base=hf_base, overwrite=overwrite)
+    where = hf_base or f"the export of {base} (python -m project export --ckpt_path {base} --out BASE)"
+    print(f"exported the LoRA adapters of {ckpt_path} to {out}: load them with PeftModel.from_pretrained("
+          f"AutoModelForCausalLM.from_pretrained(BASE), {str(out)!r}), BASE being {where}")
+
+
+def merge_lora_command(*, ckpt_path: str, out: str) -> None:
+    """Merge a LoRA checkpoint's adapters into its base, as one checkpoint that no longer needs the base.
+
+    Args:
+        ckpt_path: a LoRA checkpoint written by `python -m project finetune fit` (with --model.lora).
+        out: the .ckpt file to write; an existing file is never overwritten.
+    """
+    target = save_merged(ckpt_path, out)
+    print(f"merged the LoRA adapters of {ckpt_path} into its base -> {target}")
+
+
+@functools.wraps(build_finetune_data)
+def finetune_data_command(**kwargs) -> None:
+    meta = build_finetune_data(**kwargs)
+    counts = "; ".join(f"{name}: " + ", ".join(f"{n:,} {split}" for split, n in splits.items())
+                       for name, splits in meta["counts"].items())
+    print(f"wrote {kwargs['out']}: {counts} (meta.json says how)")
 
 
 @functools.wraps(consolidate_checkpoint)
@@ -244,6 +297,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "prepare": prepare_command,  # folder of .txt/.parquet -> litdata token chunks for --data.streaming_dir
     "train-tokenizer": train_tokenizer_command,  # text file -> byte-level BPE folder for --data.tokenizer
     "guide": guide_command,  # notebooks/ executed and printed as one PDF (project/guide.py)
+    "finetune-data": finetune_data_command,  # TinyShakespeare -> instruction and classification sets (JSONL, CSV)
+    "merge-lora": merge_lora_command,  # LoRA checkpoint + its base -> one self-contained checkpoint
 }
 
 
@@ -258,6 +313,8 @@ LIGHTNING_SUMMARIES = {
     "validate": "Compute the validation loss of a checkpoint.",
     "test": "Compute the loss of a checkpoint on the test split.",
     "predict": "Complete --data.prompts with a checkpoint, writing JSON lines.",
+    "finetune": "Fine-tune a pretrained model (instructions or classification, full or LoRA): finetune fit|validate|"
+                "test|predict.",
 }
 
 
@@ -311,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0 if words else 2)
         if words[0] in COMMANDS:
             auto_cli(COMMANDS[words[0]], args=words[1:], prog=f"{PROG} {words[0]}", parser_class=OneLineErrorParser)
+        elif words[0] == "finetune":
+            run_finetune(words[1:])
         elif words[0] in LIGHTNING_SUMMARIES or words[0].startswith("-"):
             run_lightning(argv)  # None: LightningCLI reads sys.argv itself
         else:

@@ -279,15 +279,16 @@ def completion_text(tokens: Iterable[int], tokenizer: Tokenizer, settings: Gener
     return "".join(text_pieces(tokens, tokenizer, settings))
 
 
-def encode_prompt(model: GPT, tokenizer: Tokenizer, prompt: str) -> torch.Tensor:
-    """A prompt's token ids as a (1, T) batch on the model's device; ValueError for an empty prompt."""
-    ids = tokenizer.encode(prompt)
+def encode_prompt(model: GPT, tokenizer: Tokenizer, prompt: str | list[int]) -> torch.Tensor:
+    """A prompt (text, or token ids such as a chat template makes) as a (1, T) batch of ids on the model's device;
+    ValueError for an empty prompt."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise ValueError("prompt is empty: give at least one character")
     return torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
 
 
-def stream(model: GPT, tokenizer: Tokenizer, prompt: str, settings: GenerationSettings | None = None, *,
+def stream(model: GPT, tokenizer: Tokenizer, prompt: str | list[int], settings: GenerationSettings | None = None, *,
            use_kv_cache: bool = True, compile: bool = False) -> Iterator[str]:
     """Yield the completion of `prompt` as text, piece by piece, as tokens are sampled (see `text_pieces`).
 
@@ -306,8 +307,10 @@ def _stream_text(steps: Iterator[torch.Tensor], tokenizer: Tokenizer, settings: 
         steps.close()
 
 
-def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], settings: GenerationSettings) -> list[str]:
-    """Completions of several prompts (batched when they have the same token length), trimmed at stops."""
+def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str] | list[list[int]],
+                   settings: GenerationSettings) -> list[str]:
+    """Completions of several prompts, texts or token ids (batched when they have the same token length), trimmed
+    at stops."""
     encoded = [encode_prompt(model, tokenizer, p) for p in prompts]
     completions: dict[int, str] = {}
     by_length: dict[int, list[int]] = {}

@@ -9,8 +9,10 @@ fields map onto `GenerationSettings`: `temperature` (0 = greedy, up to 2), `top_
 (a string or up to 4), `seed` (a fixed seed gives the same text); top-k is off, as the API has none.
 Unknown fields are ignored; `n` must be 1.
 
-Chat template. The models here are base models, so chat messages become plain text in the corpus's own
-shape, a speaker's name in capitals, a colon, the speech, and a blank line:
+Chat template. An instruction-tuned model (python -m project finetune) is prompted through the template it was
+trained with (project/chat.py; developer messages count as system ones), and its reply ends at its end-of-text
+token. A base model gets chat messages as plain text in the corpus's own shape, a speaker's name in capitals, a
+colon, the speech, and a blank line:
 
     {SPEAKER}:\\n{content}\\n\\n      for each message, then      ASSISTANT:\\n
 
@@ -43,7 +45,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
+from project.chat import PromptTemplate
 from project.formats.checkpoint import LoadedCheckpoint
+from project.tokenizer import Tokenizer
 from project.generate import GenerationSettings, InvalidSetting, request_model, stream
 
 log = logging.getLogger(__name__)
@@ -108,8 +112,13 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = None  # the newer name of max_tokens
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """The prompt for `messages` by the module's chat template."""
+def chat_prompt(messages: list[ChatMessage], template: PromptTemplate | None = None,
+                tokenizer: Tokenizer | None = None) -> str | list[int]:
+    """The prompt for `messages`: token ids through an instruction-tuned model's `template`, else text by the
+    module's speaker template."""
+    if template is not None:
+        conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        return template.encode(conversation, tokenizer, add_generation_prompt=True)[0]
     turns = [f"{message.name or ROLE_SPEAKERS[message.role]}:\n{message.text()}{SPEECH_END}" for message in messages]
     return "".join(turns) + f"{ROLE_SPEAKERS['assistant']}:\n"
 
@@ -129,12 +138,13 @@ class Generator:
     def count_tokens(self, text: str) -> int:
         return len(self.loaded.tokenizer.encode(text)) if text else 0
 
-    def check_prompt(self, prompt: str, param: str) -> int:
-        """The prompt's token count; APIError 400 when it is empty, not encodable or longer than the context."""
+    def check_prompt(self, prompt: str | list[int], param: str) -> int:
+        """The prompt's token count (text, or a chat template's ids); APIError 400 when it is empty, not encodable
+        or longer than the context."""
         if not prompt:
             raise APIError(400, f"{param} is empty: give at least one character", param=param)
         try:
-            count = self.count_tokens(prompt)
+            count = len(prompt) if isinstance(prompt, list) else self.count_tokens(prompt)
         except ValueError as err:  # e.g. a character outside a character model's vocabulary
             raise APIError(400, f"{param}: {err}", param=param) from None
         if count > self.block_size:
@@ -164,7 +174,7 @@ class Generator:
         except InvalidSetting as err:
             raise APIError(400, str(err), param=API_PARAMS.get(err.field, err.field)) from None
 
-    def pieces(self, prompt: str, settings: GenerationSettings) -> Iterator[str]:
+    def pieces(self, prompt: str | list[int], settings: GenerationSettings) -> Iterator[str]:
         """The completion's text pieces; every decoding step holds the lock, waiting for the client does not."""
         model = request_model(self.loaded.model)  # shares the weights, owns its KV cache
         text_pieces = stream(model, self.loaded.tokenizer, prompt, settings)
@@ -262,10 +272,10 @@ def add_openai_routes(app: FastAPI, loaded: LoadedCheckpoint, *, model_name: str
         check_model(body.model)
         if not body.messages:
             raise APIError(400, "messages is empty: give at least one message", param="messages")
-        prompt = chat_prompt(body.messages)
+        prompt = chat_prompt(body.messages, loaded.template, loaded.tokenizer)
         prompt_tokens = generator.check_prompt(prompt, "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        settings = generator.settings(body, max_tokens, [SPEECH_END])
+        settings = generator.settings(body, max_tokens, [SPEECH_END] if loaded.template is None else [])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
         include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -305,8 +315,8 @@ def completion_response(generator: Generator, prompts: list[str], settings: Gene
     return {**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chat_events(generator: Generator, prompt: str, settings: GenerationSettings, head: dict, prompt_tokens: int,
-                include_usage: bool) -> Iterator[str]:
+def chat_events(generator: Generator, prompt: str | list[int], settings: GenerationSettings, head: dict,
+                prompt_tokens: int, include_usage: bool) -> Iterator[str]:
     """The streamed /v1/chat/completions: the assistant role, a delta per piece, the finish reason, usage if asked."""
     chunk = {**head, "object": "chat.completion.chunk"}
     yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
@@ -320,7 +330,7 @@ def chat_events(generator: Generator, prompt: str, settings: GenerationSettings,
         yield sse({**chunk, "choices": [], "usage": usage(prompt_tokens, tokens)})
 
 
-def chat_response(generator: Generator, prompt: str, settings: GenerationSettings, head: dict,
+def chat_response(generator: Generator, prompt: str | list[int], settings: GenerationSettings, head: dict,
                   prompt_tokens: int) -> dict:
     """The unstreamed /v1/chat/completions: one assistant message."""
     text = "".join(generator.pieces(prompt, settings))

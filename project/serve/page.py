@@ -3,7 +3,8 @@
     python -m project serve --ckpt_path runs/gpt/version_0/checkpoints/last.ckpt       (http://127.0.0.1:7860)
 
 Generate: a prompt, streamed completion, sampling controls (max new tokens capped by the context,
-temperature, top-k, top-p, seed), TinyShakespeare example prompts and a panel describing the model.
+temperature, top-k, top-p, seed), TinyShakespeare example prompts and a panel describing the model. An
+instruction-tuned model (python -m project finetune) answers the prompt as an instruction, through its template.
 Attention: for a prompt, one layer's and head's attention weights over the prompt tokens as a heatmap, and
 the next-token top-10 probabilities as a bar chart.
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # gradio and matplotlib are imported when the app is built, s
 log = logging.getLogger(__name__)
 
 EXAMPLE_PROMPTS = ["ROMEO:", "First Citizen:\n", "JULIET:\nO Romeo"]
+EXAMPLE_INSTRUCTIONS = ["Continue this speech by ROMEO.", "Which character speaks these lines?"]
 TOP_N = 10  # next-token probabilities shown
 MAX_LABELLED_TOKENS = 48  # beyond this many prompt tokens, the heatmap labels every n-th token only
 
@@ -90,6 +92,7 @@ class App:
             raise ValueError(f"max_prompt_chars must be >= 1, got {max_prompt_chars}")
         self.loaded = loaded
         self.limits = Limits(max_prompt_chars, loaded.model.config.block_size)
+        self.chat = loaded.template is not None  # prompts are instructions, answered through the template
         self.device = next(loaded.model.parameters()).device
 
     # -- validation ----------------------------------------------------------------------------------------
@@ -100,7 +103,11 @@ class App:
             raise ValueError("the prompt is empty: type some text to continue (e.g. ROMEO:)")
         if len(prompt) > self.limits.max_prompt_chars:
             raise ValueError(f"the prompt has {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}")
-        ids = self.loaded.tokenizer.encode(prompt)
+        if self.chat:
+            ids, _ = self.loaded.template.encode([{"role": "user", "content": prompt}], self.loaded.tokenizer,
+                                                 add_generation_prompt=True)
+        else:
+            ids = self.loaded.tokenizer.encode(prompt)
         if len(ids) > self.limits.block_size:
             raise ValueError(f"the prompt is {len(ids)} tokens but the model's context is {self.limits.block_size}: "
                              "shorten it")
@@ -128,17 +135,19 @@ class App:
     # -- handlers ------------------------------------------------------------------------------------------
 
     def generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed) -> Iterator[tuple[str, str]]:
-        """Yield (prompt + completion so far, status) as the text streams; a bad request yields one message."""
-        text = prompt or ""
+        """Yield (prompt + completion so far, or a chat model's answer, status) as the text streams; a bad request
+        yields one message."""
+        shown = "" if self.chat else prompt or ""
+        text = shown
         try:
-            self.encode_prompt(prompt)
+            ids = self.encode_prompt(prompt)
             settings = self.settings(max_new_tokens, temperature, top_k, top_p, seed)
             model = request_model(self.loaded.model)
             yield text, "generating..."
-            for piece in stream(model, self.loaded.tokenizer, prompt, settings):
+            for piece in stream(model, self.loaded.tokenizer, ids, settings):
                 text += piece
                 yield text, "generating..."
-            yield text, f"done: {len(text) - len(prompt)} characters generated"
+            yield text, f"done: {len(text) - len(shown)} characters generated"
         except ValueError as err:
             yield text, self.fail(err)
         except Exception as err:  # noqa: BLE001 - the page shows a line; the log keeps the traceback
@@ -257,15 +266,16 @@ def build_app(loaded: LoadedCheckpoint, *, max_prompt_chars: int = 2000, concurr
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=3):
-                    prompt = gr.Textbox(label="Prompt", value=EXAMPLE_PROMPTS[0], lines=4, max_lines=12,
-                                        max_length=max_prompt_chars, elem_id="prompt",
+                    examples = EXAMPLE_INSTRUCTIONS if app.chat else EXAMPLE_PROMPTS
+                    prompt = gr.Textbox(label="Instruction" if app.chat else "Prompt", value=examples[0], lines=4,
+                                        max_lines=12, max_length=max_prompt_chars, elem_id="prompt",
                                         info=f"at most {max_prompt_chars} characters and {cfg.block_size} tokens")
                     with gr.Row():
                         run = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                         stop = gr.Button("Stop", variant="stop")
-                    gr.Examples(examples=[[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="TinyShakespeare prompts")
-                    output = gr.Textbox(label="Prompt + completion", lines=12, max_lines=30, elem_id="output",
-                                        interactive=False)
+                    gr.Examples(examples=[[p] for p in examples], inputs=[prompt], label="TinyShakespeare prompts")
+                    output = gr.Textbox(label="Answer" if app.chat else "Prompt + completion", lines=12, max_lines=30,
+                                        elem_id="output", interactive=False)
                     status = gr.Textbox(label="Status", interactive=False, elem_id="status", max_lines=2)
                 with gr.Column(scale=2):
                     max_new_tokens = gr.Slider(1, app.limits.max_new_tokens, value=min(100, app.limits.max_new_tokens),

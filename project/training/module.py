@@ -174,12 +174,16 @@ class GPTModule(LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def optimized_module(self) -> torch.nn.Module:
+        """The module whose trainable parameters the optimizer updates: the GPT (fine-tuning adds a head)."""
+        return self.model
+
     def configure_optimizers(self):
         # a loss scaler (fp16 "16-mixed") unscales before clipping; a fused AdamW would unscale inside its own
         # step, and Lightning refuses to clip gradients for such an optimizer
         loss_scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         optimizer, scheduler = build_optimizer(
-            self.model, self.optimizer_settings, total_steps=self.trainer.estimated_stepping_batches,
+            self.optimized_module(), self.optimizer_settings, total_steps=self.trainer.estimated_stepping_batches,
             fused=self.device.type in ("cuda", "cpu") and not loss_scaled, sharded=self.device_mesh is not None,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
