@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
@@ -179,6 +179,11 @@ class FineTuneModule(GPTModule):
             self.build_head(datamodule.classes)
 
     def on_fit_start(self) -> None:
+        # a `Trainer.validate` before `fit` (the loss before fine-tuning) leaves inference-mode tensors in the metrics,
+        # which fit's validation (run without inference mode) could not update: start them afresh
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.reset()
         trainable, frozen = parameter_counts(self)
         what = ("LoRA adapters" if self.lora is not None else f"the last {self.train_last_blocks} blocks"
                 if self.train_last_blocks is not None else "every weight")
