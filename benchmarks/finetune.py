@@ -138,6 +138,7 @@ def speed(args, base: str, data: Path) -> dict:
     for name, settings in variants.items():
         torch.manual_seed(0)
         module = FineTuneModule(task="instruct", init_from=base, template="instruct", lora=settings).train()
+        module.configure_model()  # the base's weights (and the adapters), as the Trainer does
         modules[name] = module
         optimizers[name], _ = build_optimizer(module.optimized_module(), OptimizerSettings(), total_steps=1000)
     module = modules["full"]
@@ -205,7 +206,7 @@ def main() -> None:
         args.extra = ["--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2"]
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    data = work / "finetune"
+    data = work / "data" / "finetune"  # where configs/finetune/*.yaml read it, relative to the runs' folder
     if not (data / "meta.json").is_file():
         from project.data.shakespeare_tasks import build_finetune_data
 

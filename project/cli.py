@@ -8,39 +8,49 @@ project/commands.py dispatches to `run_lightning` and turns the errors raised he
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities import rank_zero_only
 
 from project.data.datamodule import TextDataModule
 from project.formats.checkpoint import read_checkpoint
-from project.model import GPTConfig, architecture_fields
-from project.tokenizer import spec_kind
-from project.training.checkpointing import LatestCheckpoint
+from project.model import GPTConfig
+from project.tokenizer import BPETokenizer, bpe_vocab_size, is_tokenizer_folder, spec_kind, tokenizer_from_state
+from project.training.checkpointing import AtomicCheckpointIO, LatestCheckpoint
 from project.training.module import VAL_LOSS, GPTModule
 from project.training.monitoring import TextSampleCallback, TokenThroughput
 from project.training.nan_guard import NonFiniteLossGuard
-from project.training.optim import OptimizerSettings
+from project.training.optim import MUON_SHARDED_ERROR, OptimizerSettings
 from project.training.predictions import PredictionWriter
+from project.training.run_folder import claim_next_version, remove_unsaved_run
+from project.training.strategy import ShardedStrategy, latest_step_folder
 
 log = logging.getLogger(__name__)
 
 PROG = "python -m project"  # the name usage lines show (the `gpt` script runs the same commands)
+# the settings a checkpoint gives defaults for (`checkpoint_settings`), settled against it before anything is built
+SETTLED_KEYS = ("model", "data.tokenizer", "data.vocabulary", "data.block_size")
 
 
 class OneLineErrorParser(LightningArgumentParser):
     """Argument errors end stderr with one line (`error: Parser key "model.config.n_layer": Expected ...`),
-    for LightningCLI's commands and the project's own alike."""
+    after one usage line (the options are in --help), for LightningCLI's commands and the project's own alike."""
 
     def error(self, message: str, ex: Exception | None = None):
         return super().error(" ".join(str(message).split()), ex)
+
+    def print_usage(self, file=None) -> None:
+        (file or sys.stderr).write(f"usage: {self.prog} [options]\n")
 
 
 class GPTCLI(LightningCLI):
@@ -54,14 +64,16 @@ class GPTCLI(LightningCLI):
         parser.link_arguments("model.config.block_size", "data.block_size")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        """Then check the Trainer flags, put runs under --trainer.default_root_dir, resolve `--ckpt_path last`
-        and check the checkpoint, before LightningCLI applies its hyperparameters (and before Lightning opens it)."""
+        """Then check the Trainer flags, put runs under --trainer.default_root_dir, resolve `--ckpt_path last`,
+        read and check the checkpoint, and settle the run's settings against it (`settle_with_checkpoint`): all
+        before anything is built or written."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         config = self.config[subcommand]
         check_trainer_flags(config.trainer)
+        check_sharded_optimizer(config)
         place_runs_under_root_dir(config)
         if not config.get("ckpt_path"):
             return
@@ -70,49 +82,57 @@ class GPTCLI(LightningCLI):
                              "loads weights only; drop the flag")
         if config.ckpt_path == "last":
             resolve_last_checkpoint(config)
-        # a missing, truncated, foreign or crafted file: one-line error here, before anything is built
-        self.checkpoint = read_checkpoint(config.ckpt_path)
-        self.check_checkpoint(config, subcommand)
-        if subcommand == "fit":
-            check_resume_settings(config, self.checkpoint, config.ckpt_path)
-        self.compile = config.model.get("compile")  # a resume may switch it: re-applied after the checkpoint's
+        # a missing, truncated, foreign or crafted checkpoint: one-line error here, before anything is built
+        checkpoint = read_checkpoint(config.ckpt_path, weights=False)  # a DCP folder: its index, not its shards
+        self.settle(parser, args, subcommand, config, checkpoint)
 
-    def check_checkpoint(self, config, subcommand: str) -> None:
-        """ValueError unless the checkpoint is a pretrained model this config can use (fine-tuned ones are
-        `python -m project finetune`'s)."""
-        task = self.checkpoint["hyper_parameters"].get("task")
+    def settle(self, parser: LightningArgumentParser, args, subcommand: str, config, checkpoint: dict) -> None:
+        """A pretrained model's checkpoint (fine-tuned ones are `python -m project finetune`'s): its settings become
+        the defaults, so config files and flags are what differs from it (`settle_with_checkpoint`)."""
+        task = checkpoint["hyper_parameters"].get("task")
         if task is not None:
             raise ValueError(f"checkpoint {config.ckpt_path} is fine-tuned (task={task}): use python -m project "
                              f"finetune {subcommand} --ckpt_path {config.ckpt_path} (generate, serve and export "
                              "take it as it is)")
-        check_architecture(config, self.checkpoint, config.ckpt_path)
-        check_tokenizer(config, self.checkpoint, config.ckpt_path)
+        parser.set_defaults({f"{subcommand}.{key}": value for key, value in checkpoint_settings(checkpoint).items()})
+        given = parser.parse_args(args)[subcommand]
+        for key in SETTLED_KEYS:
+            config[key] = given[key]
+        settle_with_checkpoint(subcommand, config, checkpoint, config.ckpt_path)
+        # LightningCLI applies a checkpoint file's hyperparameters over these next: kept to be put back
+        self.settled = {key: config[key] for key in SETTLED_KEYS}
 
     def before_instantiate_classes(self) -> None:
-        """Show training progress in steps (StepProgressBar); add the callbacks every run has."""
+        """Show training progress in steps (StepProgressBar), claim a new fit's run folder, and put back the settings
+        settled against the checkpoint (LightningCLI has just applied the checkpoint's hyperparameters over them)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         add_step_progress_bar(config.trainer)
-        add_callback(config.trainer, "project.training.run_folder.RunFolderGuard")  # one writer; no empty folder
+        self.claimed = claim_run_folder(config) if self.subcommand == "fit" else None
+        # one writer per run folder; none left behind by a run that fails before its first checkpoint
+        add_callback(config.trainer, "project.training.run_folder.RunFolderGuard",
+                     {"claimed": str(self.claimed)} if self.claimed else None)
         add_callback(config.trainer, "project.training.checkpointing.RandomState")  # dropout resumes exactly
-        if getattr(self, "compile", None) is not None:
-            config.model.compile = self.compile
-        self.vocabulary_from_checkpoint(config)
+        add_callback(config.trainer, "project.training.step_stats.StepStats")  # one host sync per logging interval
+        add_callback(config.trainer, "project.training.interrupt.GracefulInterrupt")  # Ctrl-C: all ranks stop alike
+        for key, value in getattr(self, "settled", {}).items():
+            config[key] = value
 
-    def vocabulary_from_checkpoint(self, config) -> None:
-        """A character model's vocabulary comes from its checkpoint, so resuming or predicting needs no corpus;
-        so does a `bpe:N` model's tokenizer when predicting."""
-        ckpt_path = config.get("ckpt_path")
-        if config.data.vocabulary or not ckpt_path or not Path(ckpt_path).is_file():
-            return
-        predicting_bpe = config.data.tokenizer.startswith("bpe:") and self.subcommand == "predict"
-        if config.data.tokenizer != "char" and not predicting_bpe:
-            return
-        checkpoint = getattr(self, "checkpoint", None) or read_checkpoint(ckpt_path)
-        state = checkpoint.get("tokenizer", {})
-        if state.get("kind") == "char" and config.data.tokenizer == "char":
-            config.data.vocabulary = state["chars"]
-        elif state.get("kind") == "bpe" and config.data.tokenizer != "char":
-            config.data.vocabulary = state["tokenizer_json"]
+    def instantiate_classes(self) -> None:
+        """Build the model, data, callbacks and Trainer; a failure here removes the version folder claimed for it."""
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            if getattr(self, "claimed", None) is not None:
+                remove_unsaved_run(self.claimed)
+            raise
+
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer, once its strategy is known to read `--ckpt_path` safely (`check_checkpoint_reader`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        ckpt_path = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        if ckpt_path:
+            check_checkpoint_reader(trainer.strategy, ckpt_path)
+        return trainer
 
 
 def add_run_callbacks(parser: LightningArgumentParser) -> None:
@@ -143,36 +163,24 @@ def add_step_progress_bar(trainer_config) -> None:
     add_callback(trainer_config, "project.training.monitoring.StepProgressBar")
 
 
-def add_callback(trainer_config, class_path: str) -> None:
-    """Append a callback (by class path, no arguments) to the Trainer's callbacks of a config."""
+def add_callback(trainer_config, class_path: str, init_args: dict | None = None) -> None:
+    """Append a callback (by class path) to the Trainer's callbacks of a config."""
     callbacks = trainer_config.get("callbacks") or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-    trainer_config.callbacks = [*callbacks, Namespace(class_path=class_path, init_args=Namespace())]
+    trainer_config.callbacks = [*callbacks, Namespace(class_path=class_path, init_args=Namespace(**(init_args or {})))]
 
 
-def check_architecture(config, checkpoint: dict, ckpt_path: str) -> None:
-    """ValueError when the config sets an architecture value (`architecture_fields`) other than the checkpoint's.
-
-    A value equal to GPTConfig's default counts as not set: LightningCLI then takes the checkpoint's (it
-    would also replace a value that is set, silently, which is why this check exists).
-    """
-    saved = (checkpoint.get("hyper_parameters") or {}).get("config")
-    if not isinstance(saved, dict):
-        return
-    defaults = GPTConfig()
-    for key in architecture_fields():
-        asked = config.get(f"model.config.{key}")
-        if key not in saved or asked is None or asked == saved[key] or asked == getattr(defaults, key):
-            continue  # not set (or linked from the data, as vocab_size), or the checkpoint's value
-        if key == "block_size" and asked > saved[key]:
-            raise ValueError(
-                f"--model.config.block_size {asked} is larger than the context of checkpoint {ckpt_path} "
-                f"({saved[key]}): use block_size <= {saved[key]}, or train a longer-context model"
-            )
-        raise ValueError(
-            f"checkpoint {ckpt_path} has a different architecture: {key}={saved[key]}, the config asks for "
-            f"{key}={asked}: use the config the checkpoint was trained with (its run's config.yaml)"
-        )
+@rank_zero_only  # other ranks get None: Lightning broadcasts rank 0's folder to them
+def claim_run_folder(config) -> Path | None:
+    """A new run's version folder, claimed now (`claim_next_version`) and set as the logger's version, so runs
+    started together in one folder never share one. None when the version is set (a resume), no logger writes, or
+    this is another rank's process (Lightning broadcasts rank 0's folder to them)."""
+    init = logger_init_args(config)
+    if init is None or init.get("version", False) is not None or None in (init.get("save_dir"), init.get("name")):
+        return None
+    folder = claim_next_version(Path(init.save_dir, init.name))
+    init.version = int(folder.name.removeprefix("version_"))
+    return folder
 
 
 def check_trainer_flags(trainer) -> None:
@@ -193,6 +201,23 @@ def check_trainer_flags(trainer) -> None:
         raise ValueError(f"--trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
 
 
+def check_sharded_optimizer(config) -> None:
+    """Muon under ModelParallelStrategy: refused here, before any process is launched (`MUON_SHARDED_ERROR`)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = config.trainer.get("strategy")
+    class_path = str(getattr(strategy, "class_path", strategy))
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        strategy_class = getattr(importlib.import_module(module_name), class_name) if module_name else None
+    except (ImportError, AttributeError):
+        return  # not a class path (e.g. "ddp"), or one LightningCLI reports itself
+    optimizer = config.model.get("optimizer") or {}
+    sharded = isinstance(strategy_class, type) and issubclass(strategy_class, ModelParallelStrategy)
+    if sharded and optimizer.get("name") == "muon":
+        raise ValueError(MUON_SHARDED_ERROR)
+
+
 def logger_init_args(config):
     """The init_args of the (first) logger in a subcommand's config, or None."""
     logger = config.trainer.get("logger")
@@ -211,44 +236,127 @@ def place_runs_under_root_dir(config) -> None:
         init.save_dir = str(Path(root) / "runs")
 
 
-def check_tokenizer(config, checkpoint: dict, ckpt_path: str) -> None:
-    """ValueError when --data.tokenizer names another kind of tokenizer than the checkpoint's (its vocabulary is
-    fixed). A trained BPE (bpe:N or a tokenizer folder) may be named either way: the checkpoint carries it."""
+def checkpoint_settings(checkpoint: dict) -> dict:
+    """The settings a checkpoint fixes, by config key: its model config (but vocab_size, which the tokenizer
+    gives), optimizer settings, compile, and its tokenizer (--data.tokenizer and --data.vocabulary)."""
+    hparams = checkpoint["hyper_parameters"]
+    config = GPTConfig(**hparams["config"]).to_dict()  # checked by read_checkpoint; fields it lacks at their defaults
+    settings = {f"model.config.{key}": value for key, value in config.items() if key != "vocab_size"}
+    optimizer = hparams.get("optimizer") if isinstance(hparams.get("optimizer"), dict) else {}
+    settings.update({f"model.optimizer.{f.name}": optimizer[f.name] for f in fields(OptimizerSettings)
+                     if f.name in optimizer})
+    if isinstance(hparams.get("compile"), bool):
+        settings["model.compile"] = hparams["compile"]
     state = checkpoint.get("tokenizer")
-    if not isinstance(state, dict) or config.data.get("streaming_dir"):
-        return  # a streaming folder brings its own tokenizer
-    asked = config.data.tokenizer
-    saved = {"char": "char", "bpe": "bpe:N (or its tokenizer folder)"}.get(state.get("kind"), state.get("name"))
-    same = spec_kind(asked) == state.get("kind") and (state.get("kind") != "tiktoken" or asked == state.get("name"))
-    if not same:
-        raise ValueError(f"--data.tokenizer {asked} differs from the tokenizer of checkpoint {ckpt_path} ({saved}), "
-                         f"whose vocabulary is fixed: pass --data.tokenizer {saved} (its run's config.yaml has "
-                         "every setting)")
+    if isinstance(state, dict):
+        tokenizer = tokenizer_from_state(state)  # checked by read_checkpoint
+        settings["data.tokenizer"] = {"char": "char", "bpe": f"bpe:{tokenizer.vocab_size}"}.get(tokenizer.kind,
+                                                                                              state.get("name"))
+        settings["data.vocabulary"] = {"char": state.get("chars"), "bpe": state.get("tokenizer_json")}.get(tokenizer.kind)
+    return settings
 
 
-def check_resume_settings(config, checkpoint: dict, ckpt_path: str) -> None:
-    """ValueError when `fit --ckpt_path` asks for optimizer settings other than the checkpoint's.
+def settle_with_checkpoint(subcommand: str, config, checkpoint: dict, ckpt_path: str) -> None:
+    """Compare the run's settings (the checkpoint's, as overridden by config files and flags) with the checkpoint.
 
-    A resume restores the optimizer and its LR schedule, so it cannot change them (LightningCLI would replace new
-    values with the checkpoint's without a word). It can change every Trainer flag (max_steps, precision, devices,
-    ...), the data loading (batch_size, num_workers), the callbacks and --model.compile.
+    What the checkpoint fixes (architecture, tokenizer, and for `fit` the optimizer and its schedule, which it
+    restores) must be the checkpoint's: ValueError listing every difference. What may change is applied and,
+    for `fit`, logged and recorded in the new checkpoints' hyperparameters: dropout, --model.compile, a shorter
+    block_size (the windows shrink; the model keeps its context), Trainer flags, data loading and callbacks.
+    Optimizer settings and dropout do nothing in validate/test/predict.
     """
-    saved = (checkpoint.get("hyper_parameters") or {}).get("optimizer") or {}
-    asked = config.model.get("optimizer") or {}
-    defaults = OptimizerSettings().to_dict()
-    for name in (f.name for f in fields(OptimizerSettings)):
-        value = asked.get(name)
-        value = list(value) if isinstance(value, tuple) else value  # betas: a tuple in the config, a list stored
-        if name not in saved or value is None or value in (saved[name], defaults[name]):
-            continue  # not set, or the checkpoint's value
-        raise ValueError(f"--model.optimizer.{name} {value} differs from checkpoint {ckpt_path} ({saved[name]}): a "
-                         "resume restores the optimizer and its schedule, so it keeps the checkpoint's; drop the flag "
-                         "to resume, or start a new run (a resume can change Trainer flags, data loading, callbacks "
-                         "and --model.compile)")
+    saved = checkpoint_settings(checkpoint)
+    refused, applied = [], []
+    for key, value in saved.items():
+        asked = config.get(key)
+        if key.startswith("data.") or plain(asked) == plain(value):
+            continue
+        flag = f"--{key} {plain(asked)} (the checkpoint's: {plain(value)})"  # where a config file sets it too
+        if key == "model.config.block_size" and asked > value:
+            refused.append(f"--model.config.block_size {asked}, larger than its context ({value})")
+        elif key == "model.config.block_size":
+            config.model.config.block_size = value  # the weights' context; data.block_size keeps the asked one
+            applied.append(f"windows of {asked} tokens (the model's context stays {value})")
+        elif key in ("model.config.dropout", "model.compile"):
+            applied.append(flag)
+        elif key.startswith("model.optimizer.") and subcommand != "fit":
+            continue  # no optimizer runs: nothing differs
+        else:
+            refused.append(flag)
+    refused += tokenizer_differences(config, checkpoint)
+    if refused:
+        run_config = Path(ckpt_path).parent.parent / "config.yaml"
+        hint = f"pass its run's config (--config {run_config})" if run_config.is_file() else "drop those settings"
+        raise ValueError(
+            f"settings differ from checkpoint {ckpt_path}: {'; '.join(refused)}. "
+            + ("A resume restores the architecture, tokenizer and optimizer with its schedule, so they cannot "
+               "change; it can change dropout, --model.compile, a shorter block_size, Trainer flags, data loading "
+               "and callbacks" if subcommand == "fit" else "Its architecture and tokenizer cannot change")
+            + f"; {hint}, or start a new run")
+    if subcommand == "fit" and applied:
+        log.info("changed from the checkpoint: %s", ", ".join(applied))
+
+
+def plain(value):
+    """A setting's value for comparison and messages: tuples as lists (betas are a tuple in one, a list in the other)."""
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def tokenizer_differences(config, checkpoint: dict) -> list[str]:
+    """How the run's tokenizer (--data.tokenizer, --data.vocabulary, or a streaming folder's) differs from the
+    checkpoint's, whose vocabulary the model's rows are: one phrase per difference."""
+    state = checkpoint.get("tokenizer")
+    if not isinstance(state, dict):
+        return []
+    saved = tokenizer_from_state(state)
+    if config.data.get("streaming_dir"):  # the folder's own tokenizer, whatever --data.tokenizer says
+        from project.data.streaming import read_record
+
+        folder = tokenizer_from_state(read_record(config.data.streaming_dir).tokenizer)
+        same = folder.state_dict() == saved.state_dict()
+        return [] if same else [f"--data.streaming_dir {config.data.streaming_dir}, prepared with {folder.describe()} "
+                                f"(the checkpoint's tokenizer: {saved.describe()})"]
+    asked = config.data.tokenizer
+    phrase = f"--data.tokenizer {asked} (the checkpoint's: {saved.describe()})"
+    if spec_kind(asked) != saved.kind or (saved.kind == "tiktoken" and asked != state.get("name")):
+        return [phrase]
+    if saved.kind == "bpe" and is_tokenizer_folder(asked):
+        return [] if BPETokenizer.from_dir(asked).spec == saved.spec else [f"{phrase}: another tokenizer.json"]
+    if saved.kind == "bpe" and bpe_vocab_size(asked) < saved.vocab_size:
+        return [phrase]
+    vocabulary = {"char": state.get("chars"), "bpe": state.get("tokenizer_json")}.get(saved.kind)
+    if vocabulary is not None and config.data.get("vocabulary") != vocabulary:
+        return [f"--data.vocabulary (the checkpoint's is that of {saved.describe()})"]
+    return []
+
+
+def check_checkpoint_reader(strategy, ckpt_path: str) -> None:
+    """ValueError unless the Trainer's strategy reads `ckpt_path` through this project's safe readers: ShardedStrategy
+    (DCP folders through project.formats.dcp), or a strategy that leaves reading to the AtomicCheckpointIO plugin.
+    Others (plain ModelParallelStrategy, FSDP, DeepSpeed) would hand a DCP folder to torch's default reader."""
+    if isinstance(strategy, ShardedStrategy):
+        return
+    if type(strategy).load_checkpoint is Strategy.load_checkpoint and isinstance(strategy.checkpoint_io,
+                                                                                 AtomicCheckpointIO):
+        return
+    raise ValueError(f"--trainer.strategy {type(strategy).__name__} (with {type(strategy.checkpoint_io).__name__}) "
+                     f"would read checkpoint {ckpt_path} with a loader that unpickles it unchecked: use "
+                     "configs/strategy/tp.yaml (project.training.strategy.ShardedStrategy), ddp or one device, and "
+                     "keep project.training.checkpointing.AtomicCheckpointIO in --trainer.plugins")
+
+
+def last_checkpoint_in(link: Path) -> Path | None:
+    """What `last` is in one checkpoints folder, given its last.ckpt: a sharded run's newest complete step folder
+    (the last.ckpt link names it too, unless the run died between the two), else last.ckpt itself, or None."""
+    folder = latest_step_folder(link.parent)
+    if folder is not None:
+        return folder
+    return link if link.is_file() or (link / ".metadata").is_file() else None  # a file or a DCP folder
 
 
 def resolve_last_checkpoint(config) -> None:
-    """`--ckpt_path last`: the newest last.ckpt of this logger name (runs/<name>/version_*/checkpoints).
+    """`--ckpt_path last`: the newest last.ckpt, or sharded run's newest complete step folder (`last_checkpoint_in`),
+    of this logger name (runs/<name>/version_*/checkpoints).
 
     Lightning's own "last" looks in the new run's (empty) version folder; this one finds the interrupted run,
     and sets the logger's version to it so the resumed run's curves continue in the same folder.
@@ -258,11 +366,11 @@ def resolve_last_checkpoint(config) -> None:
     if dirpath:
         candidates = [Path(dirpath) / "last.ckpt"]
     elif init is not None and init.get("save_dir") is not None and init.get("name") is not None:
-        candidates = list(Path(init.save_dir, init.name).glob("version_*/checkpoints/last.ckpt"))
+        candidates = [d / "last.ckpt" for d in Path(init.save_dir, init.name).glob("version_*/checkpoints")]
     else:
         root = config.trainer.get("default_root_dir") or "."
         candidates = [Path(root) / "checkpoints" / "last.ckpt"]
-    candidates = [p for p in candidates if p.is_file()]
+    candidates = [last for last in map(last_checkpoint_in, candidates) if last is not None]
     if not candidates:
         where = dirpath or (Path(init.save_dir, init.name, "version_*", "checkpoints") if init else "checkpoints")
         raise FileNotFoundError(
@@ -285,13 +393,12 @@ class FinetuneCLI(GPTCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         add_run_callbacks(parser)
 
-    def check_checkpoint(self, config, subcommand: str) -> None:
-        if self.checkpoint["hyper_parameters"].get("task") is None:
+    def settle(self, parser: LightningArgumentParser, args, subcommand: str, config, checkpoint: dict) -> None:
+        """A fine-tuned checkpoint only: it carries its task, template, classes and base, which LightningCLI
+        applies as the model's settings."""
+        if checkpoint["hyper_parameters"].get("task") is None:
             raise ValueError(f"checkpoint {config.ckpt_path} is not fine-tuned: fine-tune it with --model.init_from "
                              f"{config.ckpt_path} (--ckpt_path resumes or evaluates a fine-tuned checkpoint)")
-
-    def vocabulary_from_checkpoint(self, config) -> None:
-        pass  # the tokenizer is the base's, or the checkpoint's
 
 
 def trainer_defaults(run_name: str) -> dict:
@@ -304,9 +411,9 @@ def trainer_defaults(run_name: str) -> dict:
     }
 
 
-def run_lightning(args: list[str] | None) -> None:
-    """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv)."""
-    GPTCLI(
+def run_lightning(args: list[str] | None) -> Trainer:
+    """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv); returns the Trainer."""
+    return GPTCLI(
         GPTModule,
         TextDataModule,
         args=args,
@@ -314,15 +421,16 @@ def run_lightning(args: list[str] | None) -> None:
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,
         parser_kwargs={"default_env": False, "prog": PROG},
-    )
+    ).trainer
 
 
-def run_finetune(args: list[str]) -> None:
-    """`finetune fit|validate|test|predict` with `args` (project/training/finetune.py)."""
+def run_finetune(args: list[str] | None) -> Trainer:
+    """`finetune fit|validate|test|predict` with `args` (None: sys.argv), project/training/finetune.py; returns the
+    Trainer."""
     from project.data.finetune import FineTuneDataModule
     from project.training.finetune import FineTuneModule
 
-    FinetuneCLI(
+    return FinetuneCLI(
         FineTuneModule,
         FineTuneDataModule,
         args=args,
@@ -330,4 +438,4 @@ def run_finetune(args: list[str]) -> None:
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,
         parser_kwargs={"default_env": False, "prog": f"{PROG} finetune"},
-    )
+    ).trainer

@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,11 +31,13 @@ from project.formats.checkpoint import consolidate_checkpoint, load_model, save_
 from project.formats.gguf import GGUFDtype
 from project.generate import GenerationSettings
 from project.guide import NOTEBOOK_DIR, build_guide  # imports nbclient/nbconvert only when it runs
+from project.training.interrupt import interrupted_step
 
 # errors that carry a message meant for the user: printed as one line, exit status 1 (Lightning raises
 # MisconfigurationException for settings it cannot honour)
 USER_ERRORS = (ValueError, ConnectionError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
                IsADirectoryError, MisconfigurationException)
+UNSTREAMED_TOKEN_LIMIT = 100_000  # `generate` without --stream prints nothing before the end: a count one can wait for
 MEMORY_HINT = ("lower --model.config.block_size, n_embd or n_layer, --data.batch_size, or the generation's "
                "--max_new_tokens")
 
@@ -55,11 +58,15 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", chat: bool = False,
         prompt: text to continue; with --chat true, the instruction to answer.
         chat: answer `prompt` as an instruction-tuned model does, through its prompt template, and print the answer.
         generation: sampling settings (--generation.temperature 0 is greedy).
-        stream: print text as it is generated.
+        stream: print text as it is generated (without it, the whole text once it is complete).
         device: torch device, e.g. cpu or cuda.
     """
     from project.generate import stream as stream_text
 
+    if not stream and generation.max_new_tokens > UNSTREAMED_TOKEN_LIMIT:
+        raise ValueError(f"--generation.max_new_tokens {generation.max_new_tokens:,} without --stream true prints "
+                         "nothing until every token is sampled, which may never end: pass --stream true, or at "
+                         f"most {UNSTREAMED_TOKEN_LIMIT:,} tokens")
     loaded = load_model(ckpt_path, device=device)
     shown: str | list[int] = prompt
     if chat:
@@ -71,11 +78,12 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", chat: bool = False,
                                            add_generation_prompt=True)
     pieces = stream_text(loaded.model, loaded.tokenizer, prompt, generation)
     first = next(pieces, "")  # checks the prompt and settings before anything is printed
+    if not stream:
+        pieces = iter(["".join(pieces)])  # the whole text, printed at once
     sys.stdout.write(shown + first)
     for piece in pieces:
         sys.stdout.write(piece)
-        if stream:
-            sys.stdout.flush()
+        sys.stdout.flush()
     sys.stdout.write("\n")
 
 
@@ -224,10 +232,11 @@ def evaluate_command(
         batch_size: sequences scored per forward pass.
         device: torch device, e.g. cpu or cuda.
     """
-    from project.evaluate import evaluate  # imports lm_eval only when it runs
+    from project.evaluate import check_evaluation, evaluate  # imports lm_eval only when it runs
 
-    loaded = load_model(ckpt_path, device=device)
     names = [name.strip() for name in tasks.split(",") if name.strip()] if tasks else None
+    check_evaluation(text=text, choices=choices, tasks=names, limit=limit, batch_size=batch_size)  # before loading
+    loaded = load_model(ckpt_path, device=device)
     results = evaluate(loaded.model, loaded.tokenizer, text=text, choices=choices, tasks=names, limit=limit,
                        batch_size=batch_size)
     for task, metrics in results.items():
@@ -255,7 +264,7 @@ def guide_command(
     """Execute the guide's notebooks and print them as one PDF (title page, contents, chapters, appendix).
 
     Args:
-        out: the PDF to write.
+        out: the PDF to write (an existing file is never replaced).
         notebooks: a subset, comma-separated names or prefixes, e.g. 03,appendix (default: every notebook, in
             file-name order).
         notebook_dir: the folder of notebooks.
@@ -281,10 +290,11 @@ def train_tokenizer_command(*, path: str, out: str, vocab_size: int = 4096) -> N
         vocab_size: tokens in the vocabulary: 256 bytes + end-of-text + merges (257 to 65536).
     """
     from project.data.corpus import train_tokenizer
+    from project.tokenizer import tokenizer_spec
 
     tokenizer = train_tokenizer(path, vocab_size, out)
     print(f"trained a byte-level BPE of {tokenizer.vocab_size} tokens on {path} -> {out} "
-          f"(use --data.tokenizer {out})")
+          f"(use --data.tokenizer {tokenizer_spec(out)})")
 
 
 # the project's own commands, beside LightningCLI's fit/validate/test/predict
@@ -368,13 +378,18 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0 if words else 2)
         if words[0] in COMMANDS:
             auto_cli(COMMANDS[words[0]], args=words[1:], prog=f"{PROG} {words[0]}", parser_class=OneLineErrorParser)
-        elif words[0] == "finetune":
-            run_finetune(words[1:])
-        elif words[0] in LIGHTNING_SUMMARIES or words[0].startswith("-"):
-            run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+        elif words[0] in LIGHTNING_SUMMARIES or words[0] == "finetune" or words[0].startswith("-"):
+            if words[0] == "finetune" and argv is None:
+                # LightningCLI reads sys.argv itself (and warns when also given arguments): the finetune CLI's own
+                sys.argv = [sys.argv[0], *words[1:]]
+            # None: LightningCLI reads sys.argv itself
+            trainer = (run_finetune(None if argv is None else words[1:]) if words[0] == "finetune" else
+                       run_lightning(argv))
+            if interrupted_step(trainer) is not None:
+                sys.exit(130)  # stopped by Ctrl-C (after saving last.ckpt): the shell's status for SIGINT
         else:
-            raise ValueError(f"unknown command {words[0]!r}: use one of {', '.join([*LIGHTNING_SUMMARIES, *COMMANDS])} "
-                             f"({PROG} --help)")
+            known = ", ".join([*LIGHTNING_SUMMARIES, "finetune", *COMMANDS])
+            raise ValueError(f"unknown command {words[0]!r}: use one of {known} ({PROG} --help)")
     except USER_ERRORS as err:
         if os.environ.get("PROJECT_DEBUG"):
             raise
@@ -385,6 +400,13 @@ def main(argv: list[str] | None = None) -> None:
             raise  # our bug: the traceback is the report
         print(f"error: not enough memory ({one_line(err)[:160]}): {MEMORY_HINT}", file=sys.stderr)
         sys.exit(1)
+    except SystemExit as err:
+        # Lightning ends a fit stopped by SIGTERM (last.ckpt saved) with SIGTERMException, a SystemExit of status 0;
+        # the shell convention for "terminated" is 128 + 15 (the module is loaded if Lightning ran at all)
+        lightning_exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+        if lightning_exceptions is not None and isinstance(err, lightning_exceptions.SIGTERMException):
+            sys.exit(128 + signal.SIGTERM)
+        raise
 
 
 def one_line(err: BaseException) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from project.files import atomic_path
+from project.files import atomic_path, check_new_file
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -83,6 +83,23 @@ def find_chromium(search_path: str | None = None) -> str:
             return found
     raise FileNotFoundError("the guide is printed by headless Chromium, which is not on PATH: "
                             "install it (apt-get install chromium) or pass --chromium /path/to/chromium")
+
+
+def check_chromium(chromium: str) -> str:
+    """The executable `chromium` names, checked to run (`--version`): a one-line error before any notebook runs."""
+    found = shutil.which(chromium)
+    if found is None:
+        raise FileNotFoundError(f"--chromium {chromium} is not an executable: install chromium (apt-get install "
+                                "chromium) or pass the path of its executable")
+    try:
+        result = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ValueError(f"--chromium {chromium} does not run ({type(err).__name__}: {err}): pass a working "
+                         "Chromium or Chrome executable") from None
+    if result.returncode != 0:
+        raise ValueError(f"--chromium {chromium} does not run (`{chromium} --version` exited with "
+                         f"{result.returncode}): pass a working Chromium or Chrome executable")
+    return found
 
 
 def mathjax_url() -> str:
@@ -240,14 +257,11 @@ def build_guide(out: Path, notebook_dir: Path = NOTEBOOK_DIR, names: list[str] |
     from pypdf.annotations import Link
     from pypdf.constants import PageLabelStyle
 
-    chromium = chromium or find_chromium()  # before minutes of execution, not after
-    if not Path(chromium).is_file():
-        raise FileNotFoundError(f"--chromium {chromium} does not exist: install chromium (apt-get install chromium)")
+    # every input and the output checked before minutes of execution, not after
+    out = check_new_file(out, "--out")
+    chromium = check_chromium(chromium or find_chromium())
     notebooks = discover_notebooks(notebook_dir, names)
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise NotADirectoryError(f"--out {out}: folder {out.parent} does not exist: create it first")
-    mathjax_url()  # fail now if the offline MathJax is missing
+    mathjax_url()  # the offline MathJax
     chapters: list[Chapter] = []
     chapter_pdfs: list[Path] = []
     execute_seconds = render_seconds = 0.0

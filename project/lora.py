@@ -82,9 +82,16 @@ class LoRALinear(nn.Linear):
         self.r, self.scaling = r, alpha / r
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **like))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **like))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init_lora_weights=True
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **like))
+        self.reset_lora_parameters()
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """PEFT's init (init_lora_weights=True): A Kaiming-uniform, B zero, so the update starts at exactly zero.
+        Also what a layer added on the meta device gets once its memory exists."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """The update to the weight, scaling * B A, (out, in)."""

@@ -74,8 +74,9 @@ class TiktokenTokenizer(Tokenizer):
         try:
             self.encoding = tiktoken.get_encoding(name)
         except ValueError as err:  # unknown encoding name
-            raise ValueError(f"unknown tokenizer {name!r}: use 'gpt2', 'char', 'bpe:N' (e.g. bpe:4096) or a folder "
-                             f"written by train-tokenizer ({err})") from None
+            folder = f" (for the folder {name}, write ./{name})" if Path(name).is_dir() else ""
+            raise ValueError(f"unknown tokenizer {name!r}{folder}: use 'gpt2', 'char', 'bpe:N' (e.g. bpe:4096) or the "
+                             f"path of a folder written by train-tokenizer ({err})") from None
         except OSError as err:  # not in tiktoken's cache and the download failed (requests errors are OSErrors)
             cache = os.environ.get("TIKTOKEN_CACHE_DIR") or "tiktoken's default cache folder"
             raise ConnectionError(
@@ -319,8 +320,14 @@ def bpe_vocab_size(name: str) -> int | None:
 
 
 def is_tokenizer_folder(name: str) -> bool:
-    """Whether a `--data.tokenizer` value names a folder (written by train-tokenizer) rather than a kind."""
-    return "/" in name or os.sep in name or Path(name).is_dir()
+    """Whether a `--data.tokenizer` value names a folder (written by train-tokenizer) rather than a kind: a path
+    with a separator (tokenizers/mine, ./mine). A bare name is a kind, so a folder called gpt2 never shadows it."""
+    return "/" in name or os.sep in name
+
+
+def tokenizer_spec(folder: str | Path) -> str:
+    """The `--data.tokenizer` value naming a tokenizer folder: its path, with ./ before a bare name."""
+    return str(folder) if is_tokenizer_folder(str(folder)) else f".{os.sep}{folder}"
 
 
 def build_tokenizer(name: str, text: str = "") -> Tokenizer:

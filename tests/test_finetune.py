@@ -168,7 +168,9 @@ def test_instruction_batches_pad_right_and_learn_responses_only(bpe):
 def module(bases):
     from project.training.finetune import FineTuneModule
 
-    return FineTuneModule(task="instruct", init_from=str(bases["gpt2"]), template="instruct")
+    module = FineTuneModule(task="instruct", init_from=str(bases["gpt2"]), template="instruct")
+    module.configure_model()  # the base's weights into the meta-device GPT (the Trainer calls it)
+    return module
 
 
 def test_validation_loss_is_the_mean_over_response_tokens(module, bpe):
@@ -194,6 +196,7 @@ def test_classifier_reads_the_last_real_token_whatever_the_padding(bases, bpe):
     from project.training.finetune import FineTuneModule
 
     module = FineTuneModule(task="classify", init_from=str(bases["llama"]), classes=["A", "B", "C"]).eval()
+    module.configure_model()
     texts = ["O Romeo", "Wherefore art thou, Romeo? Deny thy father"]
     alone = [module.class_logits(*classification_batch([Example(bpe.encode(t))], 0)[:2]) for t in texts]
     together = module.class_logits(*classification_batch([Example(bpe.encode(t)) for t in texts], 0)[:2])

@@ -80,11 +80,11 @@ def read_text(path: str | Path) -> str:
         raise ValueError(f"{path} is not UTF-8 (byte {err.start}): re-encode it, e.g. iconv -t utf-8") from None
 
 
-def read_corpus(path: Path) -> str:
-    """The corpus text, or a one-line error naming what is wrong with the file."""
+def read_corpus(path: Path, flag: str = "--data.path") -> str:
+    """The corpus text, or a one-line error naming what is wrong with the file (and `flag`, the option that named it)."""
     text = read_text(path)
     if not text.strip():
-        raise ValueError(f"corpus file {path} is empty: pass --data.path pointing to a file with text")
+        raise ValueError(f"corpus file {path} is empty: pass {flag} pointing to a file with text")
     return text
 
 
@@ -94,8 +94,10 @@ def train_tokenizer(path: str | Path, vocab_size: int, out: str | Path) -> BPETo
     path, out = Path(path), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists: choose another --out or remove it")
+    if path.is_dir():
+        raise IsADirectoryError(f"corpus file {path} is a folder: pass --path pointing to a UTF-8 text file")
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} does not exist: pass --path pointing to a UTF-8 text file")
-    tokenizer = train_bpe(read_corpus(path), vocab_size)  # refuses a bad vocab_size before training
+    tokenizer = train_bpe(read_corpus(path, flag="--path"), vocab_size)  # refuses a bad vocab_size before training
     tokenizer.save(out)
     return tokenizer

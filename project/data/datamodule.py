@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 from pathlib import Path
 
 import torch
@@ -26,10 +27,18 @@ from project.data.corpus import SHAKESPEARE_SHA256, Split, download_shakespeare,
 from project.data.store import (STORE_FORMAT, MemmapWindows, TokenStoreRecord, store_problem,
                                 write_memmap_store)
 from project.data.windows import EvalWindows, TrainWindows
+from project.files import remove_stale_temporaries
 from project.tokenizer import (TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, bpe_vocab_size, build_tokenizer,
                                spec_kind, tokenizer_from_state, train_bpe)
 
 log = logging.getLogger(__name__)
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C: it reaches the whole process group, and a worker that exits on it
+    breaks the loader, while training stops on its own at the next logging interval
+    (project/training/interrupt.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class TextDataModule(LightningDataModule):
@@ -116,6 +125,7 @@ class TextDataModule(LightningDataModule):
         self.ensure_corpus()
         key = hashlib.sha256(f"{sha256_of(self.path)}:{vocab_size}:{self.split}".encode()).hexdigest()[:12]
         folder = self.data_dir / "tokenizers" / f"{self.path.stem}-bpe{vocab_size}-{key}"
+        remove_stale_temporaries(folder.parent)  # tokenizers whose training was killed
         if (folder / TOKENIZER_FILE).is_file():
             return BPETokenizer.from_dir(folder)
         tokenizer = train_bpe(self.split.cut(read_corpus(self.path))["train"], vocab_size)
@@ -146,6 +156,7 @@ class TextDataModule(LightningDataModule):
             return  # prepared beforehand by `python -m project prepare`, or checked already in this run
         self.ensure_corpus()
         folder = self.find_store_dir()
+        remove_stale_temporaries(folder)  # token files of a tokenization that was killed
         if folder.exists():
             problem = store_problem(folder)
             if problem is None:
@@ -228,10 +239,10 @@ class TextDataModule(LightningDataModule):
         if self.trainer is not None:  # resuming: continue the stream after the batches already trained on
             self.start_batch = self.batches_trained()
         windows = TrainWindows(self.find_store_dir() / "train.bin", record.dtype, self.block_size, self.batch_size,
-                               self.seed, rank=rank, start_batch=self.start_batch)
+                               self.seed, rank=rank, start_batch=self.start_batch, replicas=replicas)
         # an own generator: creating the loader's iterator then draws no number from the global RNG, so a
         # resumed run (new iterator after the RNG state is restored) keeps the same dropout stream
-        return DataLoader(windows, batch_size=None, num_workers=self.num_workers,
+        return DataLoader(windows, batch_size=None, num_workers=self.num_workers, worker_init_fn=ignore_interrupts,
                           persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
 
     def eval_dataloader(self, split: str) -> DataLoader:

@@ -8,10 +8,10 @@ too, or consolidated once into a single .ckpt (optimizer state included, so trai
 with `python -m project consolidate --ckpt_path DIR --out FILE.ckpt`.
 
 What is trusted: nothing in a file a user points at may run code. Checkpoint files and meta.pt are read with
-`torch.load(weights_only=True)` (tensors and plain containers only); a DCP folder's `.metadata`, which torch
-itself unpickles with plain `pickle`, is first unpickled here with an allow-list of the classes
-torch.distributed.checkpoint writes there (DCP_METADATA_GLOBALS); transformers folders are read from
-safetensors and JSON. Then the stored config, weights and tokenizer must agree before a model is built.
+`torch.load(weights_only=True)` (tensors and plain containers only); DCP folders only through
+project.formats.dcp (checked metadata, no fallback, weights-only items); transformers folders from safetensors
+and JSON. Then `check_checkpoint` makes the stored config, weights, tokenizer and training state agree, once,
+before a model is built or Lightning restores anything.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
-import warnings
+import types
+import typing
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from project.chat import PromptTemplate, prompt_template
-from project.files import atomic_path
+from project.files import atomic_path, check_new_file
 from project.formats.hf import read_hf_directory, read_prompt_template
 from project.lora import LoRASettings, add_lora, is_lora_key, merge_lora
 from project.model import GPT, GPTConfig
@@ -48,33 +49,7 @@ class LoadedCheckpoint:
     base: str | None = None  # a LoRA checkpoint's base model (its path)
 
 
-# What a DCP folder's .metadata may name: torch writes (and reads) it with plain pickle, so it is unpickled
-# here first, allowing only these globals (and torch dtypes); anything else is refused before it is built
-DCP_METADATA_GLOBALS = {
-    *(("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
-        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # how torch pickles a layout: looked up by its name
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
-    ("collections", "OrderedDict"),
-}
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
-
-
-class RefusedGlobal(pickle.UnpicklingError):
-    """A pickle named a class or function outside the allow-list."""
-
-
-class DistributedMetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP `.metadata` file, refusing every global but DCP_METADATA_GLOBALS and torch dtypes."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in DCP_METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
-                                                                                      torch.dtype)):
-            return super().find_class(module, name)
-        raise RefusedGlobal(f"{module}.{name}")
 
 
 def local_path(path: str | Path) -> Path:
@@ -82,32 +57,6 @@ def local_path(path: str | Path) -> Path:
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(path)):
         raise ValueError(f"checkpoint {path} is a URL, which is never read: download it, then pass the local path")
     return Path(path)
-
-
-def is_distributed_checkpoint(path: str | Path) -> bool:
-    """A DCP folder as ModelParallelStrategy writes it: tensor shards + .metadata + Lightning's meta.pt."""
-    path = Path(path)
-    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
-
-
-def check_distributed_metadata(path: Path):
-    """The folder's `.metadata`, unpickled with DistributedMetadataUnpickler; ValueError ("refusing ...") when
-    it names anything else, so neither this project nor Lightning ever unpickles a crafted one."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    try:
-        with open(path / ".metadata", "rb") as f:
-            metadata = DistributedMetadataUnpickler(f).load()
-    except RefusedGlobal as err:
-        raise ValueError(f"refusing checkpoint {path}: its .metadata names {err}, which no distributed checkpoint "
-                         "holds (it would run code when unpickled)") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"checkpoint {path} has a truncated or foreign .metadata ({type(err).__name__}: "
-                         f"{str(err)[:120]})") from None
-    if not isinstance(metadata, Metadata):
-        raise ValueError(f"refusing checkpoint {path}: its .metadata holds a {type(metadata).__name__}, not the "
-                         "metadata of a distributed checkpoint")
-    return metadata
 
 
 def load_weights_only(path: Path) -> object:
@@ -134,44 +83,54 @@ def load_weights_only(path: Path) -> object:
         raise ValueError(f"checkpoint {path} is truncated or not a checkpoint of this project ({reason})") from None
 
 
-def read_distributed_checkpoint(path: str | Path) -> dict:
-    """A DCP folder read back as one single-device checkpoint dict: the full model weights (no optimizer
-    state) under "state_dict", plus everything else Lightning stored (hyperparameters, tokenizer, step)."""
-    import torch.distributed.checkpoint as dcp
+def read_distributed_checkpoint(path: str | Path, *, optimizer: bool = False, weights: bool = True) -> dict:
+    """A DCP folder read back as one single-device Lightning checkpoint: the full weights under "state_dict"
+    (and, with `optimizer`, each optimizer's state under "optimizer_states", as a single-device optimizer keys it),
+    plus everything else Lightning stored in meta.pt (hyperparameters, tokenizer, step, loops, callbacks).
+    Without `weights`, "state_dict" holds meta-device tensors of the stored names, shapes and dtypes, read from the
+    folder's index alone: what a check needs, without reading a shard. Read through project.formats.dcp, the one
+    reader of DCP folders."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    from project.formats.dcp import META_FILE, read_dcp_metadata, read_dcp_state
+
     path = Path(path)
-    metadata = check_distributed_metadata(path)
-    weights = {  # DCP flattens nested keys with dots: "state_dict.model.wte.weight"
-        key.removeprefix("state_dict."): torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.state_dict_metadata.items()
-        if key.startswith("state_dict.") and isinstance(meta, TensorStorageMetadata)
-    }
-    checkpoint = load_weights_only(path / "meta.pt")
+    metadata = read_dcp_metadata(path)  # checked before any shard or meta.pt is opened
+    checkpoint = load_weights_only(path / META_FILE)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {path}: meta.pt is not a checkpoint of this project")
-    state = {"state_dict": weights}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        # reads .metadata again with plain pickle: the same bytes just checked (a folder swapped in between
-        # needs write access to it while this runs)
-        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-    checkpoint["state_dict"] = state["state_dict"]
+        raise ValueError(f"checkpoint {path}: {META_FILE} is not a checkpoint of this project")
+    if not weights:
+        where = {key: metadata.planner_data[key] for key in metadata.state_dict_metadata}  # ("state_dict", name)
+        checkpoint["state_dict"] = {
+            where[key][1]: torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+            for key, item in metadata.state_dict_metadata.items()
+            if len(where[key]) == 2 and where[key][0] == "state_dict" and type(item) is TensorStorageMetadata}
+        return checkpoint
+    state = read_dcp_state(path, metadata, prefix="" if optimizer else "state_dict.")
+    checkpoint["state_dict"] = state.get("state_dict", {})
+    if optimizer:
+        names = [f"optimizer_{i}" for i in range(sum(key.startswith("optimizer_") for key in state))]
+        if any(not isinstance(state.get(name), dict) for name in names):
+            raise ValueError(f"checkpoint {path} has malformed optimizer states (expected {', '.join(names)})")
+        checkpoint["optimizer_states"] = [optimizer_state_by_position(state[name], path) for name in names]
     return checkpoint
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, *, optimizer: bool = False, weights: bool = True) -> dict:
     """The raw checkpoint dict of a .ckpt file or DCP folder, read safely (see the module docstring) and checked
-    (`check_checkpoint`), with one-line errors for a missing, truncated, foreign or inconsistent one."""
+    (`check_checkpoint`), with one-line errors for a missing, truncated, foreign or inconsistent one. A DCP
+    folder's optimizer state is read only with `optimizer` (a file holds it anyway); without `weights` its
+    weights are checked from its index only (names, shapes, dtypes: `read_distributed_checkpoint`), so checking
+    a sharded checkpoint on each of many ranks reads no shard."""
     path = local_path(path)
     if path.is_dir():
-        if not (path / ".metadata").is_file():
+        if not (path / ".metadata").is_file():  # DCP's index file
             raise ValueError(f"folder {path} is not a checkpoint: pass a .ckpt file, a distributed checkpoint folder "
                              "(.metadata + meta.pt) or a folder written by `python -m project export`")
         if not (path / "meta.pt").is_file():
             raise ValueError(f"distributed checkpoint {path} has no meta.pt (hyperparameters, tokenizer): copy the "
                              "whole folder the run wrote")
-        checkpoint = read_distributed_checkpoint(path)
+        checkpoint = read_distributed_checkpoint(path, optimizer=optimizer, weights=weights)
     elif not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass --ckpt_path pointing to a .ckpt written by fit")
     else:
@@ -181,46 +140,27 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def check_checkpoint(checkpoint, path: Path) -> None:
-    """ValueError unless `checkpoint` is this project's: a state_dict, plain hyperparameters with a model config
-    that builds exactly these weight shapes, and a tokenizer of the model's vocabulary."""
+    """ValueError unless `checkpoint` is this project's: plain hyperparameters with a model config that builds
+    exactly the stored weights, finite weights, a tokenizer of the model's vocabulary, and training state
+    (step, callbacks, optimizers, schedulers) of the types Lightning writes. Everything that later reads a
+    checkpoint (the model, the tokenizer, Lightning's resume) relies on this one check."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"checkpoint {path} is not a checkpoint of this project (no state_dict)")
-    hparams = checkpoint.get("hyper_parameters")
-    if not isinstance(hparams, dict) or not isinstance(hparams.get("config"), dict):
-        raise ValueError(f"checkpoint {path} lacks this project's model config (hyper_parameters.config): pass a "
-                         ".ckpt written by fit")
-    # "_class_path" and the like tell LightningCLI which class to import and build: this project writes none
-    directives = sorted(key for key in hparams if str(key).startswith("_"))
-    if directives:
-        raise ValueError(f"refusing checkpoint {path}: its hyperparameters carry {', '.join(directives)}, which "
-                         "would tell LightningCLI what to import; this project never writes them")
-    try:
-        config = GPTConfig(**hparams["config"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"checkpoint {path} has an invalid model config ({err})") from None
-    tuning = fine_tuning(hparams, path)
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        model = GPT(config)
-        if tuning.lora is not None:
-            add_lora(model, tuning.lora)
-        expected = model.state_dict()
-    stored = model_state_dict(checkpoint)
-    for key, tensor in stored.items():
-        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"checkpoint {path} does not match its stored config: {key} is {tuple(tensor.shape)}, "
-                             f"the config (vocab_size={config.vocab_size}, block_size={config.block_size}, "
-                             f"n_embd={config.n_embd}) makes it {tuple(expected[key].shape)}")
-    missing = [k for k in expected if k not in stored and not (k == "lm_head.weight" and config.tie_embeddings)]
-    if tuning.lora is not None:  # a LoRA checkpoint holds the adapters; the other weights are its base's
-        missing = [k for k in missing if is_lora_key(k)]
-    unexpected = [k for k in stored if k not in expected]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match its stored config (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    head = checkpoint["state_dict"].get("head.weight")
-    if tuning.task == "classify" and (head is None or tuple(head.shape) != (len(tuning.classes), config.n_embd)):
-        raise ValueError(f"checkpoint {path} is a classifier of {len(tuning.classes)} classes whose head.weight "
-                         f"{'is missing' if head is None else f'is {tuple(head.shape)}'}: the checkpoint was edited")
+    config = stored_config(checkpoint, path)
+    tuning = fine_tuning(checkpoint["hyper_parameters"], path)
+    head = {"head.weight": (len(tuning.classes or ()), config.n_embd)}  # no bias, like transformers' `score`
+    foreign = [key for key in checkpoint["state_dict"] if not (isinstance(key, str) and key.startswith("model."))
+               and not (tuning.task == "classify" and key in head)]
+    if foreign:
+        raise ValueError(f"checkpoint {path} holds weights no GPTModule has ({', '.join(map(str, foreign[:3]))})")
+    check_weights(model_state_dict(checkpoint), config, path, lora=tuning.lora)
+    if tuning.task == "classify":  # a classifier's head reads the final hidden state: one row per class
+        for key, shape in head.items():
+            tensor = checkpoint["state_dict"].get(key)
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+                raise ValueError(f"checkpoint {path} is a classifier of {shape[0]} classes whose {key} "
+                                 f"{'is missing' if tensor is None else f'is not a {shape} tensor'}: the checkpoint "
+                                 "was edited")
     if "tokenizer" in checkpoint:
         try:
             tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
@@ -229,6 +169,105 @@ def check_checkpoint(checkpoint, path: Path) -> None:
         if not tokenizer.fits_model(config.vocab_size):
             raise ValueError(f"checkpoint {path}: its tokenizer has {tokenizer.vocab_size} tokens but the model "
                              f"{config.vocab_size}: the checkpoint was edited or mixed up with another run's")
+    check_training_state(checkpoint, path)
+
+
+def stored_config(checkpoint: dict, path: Path) -> GPTConfig:
+    """The checkpoint's model config (hyper_parameters.config), its values of the types GPTConfig declares."""
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("config"), dict):
+        raise ValueError(f"checkpoint {path} lacks this project's model config (hyper_parameters.config): pass a "
+                         ".ckpt written by fit")
+    # "_class_path" and the like tell LightningCLI which class to import and build: this project writes none
+    directives = sorted(str(key) for key in hparams if str(key).startswith("_"))
+    if directives:
+        raise ValueError(f"refusing checkpoint {path}: its hyperparameters carry {', '.join(directives)}, which "
+                         "would tell LightningCLI what to import; this project never writes them")
+    hints = typing.get_type_hints(GPTConfig)
+    for name, value in hparams["config"].items():
+        if name not in hints or not value_fits(value, hints[name]):
+            raise ValueError(f"checkpoint {path} has an invalid model config: {name}={value!r} is not a "
+                             f"{'GPTConfig field' if name not in hints else hints[name]}")
+    try:
+        return GPTConfig(**hparams["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {path} has an invalid model config ({err})") from None
+
+
+def value_fits(value, hint) -> bool:
+    """Whether a plain value matches a type hint of GPTConfig (int, float, bool, str literals, X | None)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(value_fits(value, option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return type(value) is hint
+
+
+def check_weights(stored: dict, config: GPTConfig, path: Path, lora: LoRASettings | None = None) -> None:
+    """The stored weights are exactly the tensors `config` builds (names and shapes; with `lora`, the adapters
+    alone: the other weights are the base's), and finite."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = GPT(config)
+        if lora is not None:
+            add_lora(model, lora)
+        expected = model.state_dict()
+    for key, tensor in stored.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"checkpoint {path}: weight {key} is a {type(tensor).__name__}, not a tensor")
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"checkpoint {path} does not match its stored config: {key} is {tuple(tensor.shape)}, "
+                             f"the config (vocab_size={config.vocab_size}, block_size={config.block_size}, "
+                             f"n_embd={config.n_embd}) makes it {tuple(expected[key].shape)}")
+    missing = [k for k in expected if k not in stored and not (k == "lm_head.weight" and config.tie_embeddings)]
+    if lora is not None:  # a LoRA checkpoint holds the adapters; the other weights are its base's
+        missing = [k for k in missing if is_lora_key(k)]
+    unexpected = [k for k in stored if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match its stored config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    for key, tensor in stored.items():
+        if not tensor.is_floating_point():
+            raise ValueError(f"checkpoint {path}: weight {key} holds {tensor.dtype} values, not floating point")
+        if tensor.is_meta:
+            continue  # read from a DCP index only: values unread (each rank loads its own shards later)
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"checkpoint {path}: weight {key} holds NaN or infinite values (training diverged "
+                             "before it was saved): use an earlier checkpoint")
+
+
+def check_training_state(checkpoint: dict, path: Path) -> None:
+    """Lightning's own entries, when present, have the types Lightning writes (a hand-edited or foreign one
+    would fail deep inside Lightning's restore or our readers)."""
+    def is_count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def is_table(value) -> bool:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, dict) for k, v in value.items())
+
+    checks = {
+        "global_step": is_count, "epoch": is_count, "loops": lambda v: isinstance(v, dict), "callbacks": is_table,
+        "optimizer_states": lambda v: isinstance(v, list) and all(
+            isinstance(s, dict) and isinstance(s.get("state"), dict) and isinstance(s.get("param_groups"), list)
+            for s in v),
+        "lr_schedulers": lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v),
+        "bytes_per_token": lambda v: isinstance(v, dict) and all(
+            isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 for n in v.values()),
+    }
+    for key, check in checks.items():
+        if key in checkpoint and not check(checkpoint[key]):
+            raise ValueError(f"checkpoint {path} has a malformed {key!r} entry (not what Lightning writes): the file "
+                             "was edited; use the checkpoint as the run wrote it")
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        score = state.get("best_model_score")
+        if key.startswith("ModelCheckpoint") and score is not None and not (
+                isinstance(score, (int, float, torch.Tensor)) and torch.as_tensor(score).numel() == 1):
+            raise ValueError(f"checkpoint {path} has a malformed best_model_score in {key}")
 
 
 def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
@@ -367,44 +406,43 @@ def consolidate_checkpoint(*, ckpt_path: str, out: str) -> Path:
 
     The file holds everything the folder does, gathered into full tensors: weights, optimizer state,
     LR schedule and loop state, hyperparameters and tokenizer. So `predict --ckpt_path`, `generate` and
-    `export` use it on one device, and `fit --ckpt_path FILE` resumes the training on one device.
+    `export` use it on one device, and `fit --ckpt_path FILE` resumes the training on one device (which
+    `fit --ckpt_path DIR` also does, reading the folder the same way).
 
     Args:
         ckpt_path: a checkpoint folder written under ModelParallelStrategy (configs/strategy/tp.yaml).
         out: the .ckpt file to write; an existing file is never overwritten.
     """
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    if not is_distributed_checkpoint(local_path(ckpt_path)):
+    path = local_path(ckpt_path)
+    if not (path.is_dir() and (path / ".metadata").is_file()):
         raise ValueError(f"{ckpt_path} is not a distributed checkpoint folder (with .metadata and meta.pt)")
-    read_checkpoint(ckpt_path)  # refuses a crafted .metadata or meta.pt before torch unpickles them below
-    target = Path(out)
-    if target.exists():
-        raise FileExistsError(f"{target} exists; choose another --out or remove it")
+    target = check_new_file(out, "--out")
+    checkpoint = read_checkpoint(path, optimizer=True)
     with atomic_path(target) as staging:
-        dcp_to_torch_save(ckpt_path, staging)  # every shard gathered: {"state_dict": ..., "optimizer_0": ...}
-        tensors = torch.load(staging, map_location="cpu", weights_only=True)
-        checkpoint = torch.load(Path(ckpt_path) / "meta.pt", map_location="cpu", weights_only=True)
-        checkpoint["state_dict"] = tensors.pop("state_dict")
-        n_optimizers = sum(key.startswith("optimizer_") for key in tensors)
-        checkpoint["optimizer_states"] = [optimizer_state_by_position(tensors[f"optimizer_{i}"])
-                                          for i in range(n_optimizers)]
         torch.save(checkpoint, staging)
     return target
 
 
-def optimizer_state_by_position(state: dict) -> dict:
+def optimizer_state_by_position(state: dict, path: Path) -> dict:
     """An optimizer state dict keyed by parameter names, as ModelParallelStrategy saves it, in torch's own
     format (keyed by each parameter's position in the param groups), which `Optimizer.load_state_dict` reads."""
+    per_parameter = state.get("state", {})  # DCP stores no empty dict: an optimizer that never stepped has none
+    groups_ok = isinstance(state.get("param_groups"), list) and all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) and all(isinstance(n, str) for n in g["params"])
+        for g in state["param_groups"])
+    if not groups_ok or not isinstance(per_parameter, dict):
+        raise ValueError(f"checkpoint {path} has a malformed optimizer state (param_groups without parameter names)")
     names = [name for group in state["param_groups"] for name in group["params"]]
     position = {name: i for i, name in enumerate(names)}
+    if not set(per_parameter) <= set(position):
+        raise ValueError(f"checkpoint {path} has optimizer state for parameters its param_groups do not list")
     groups = []
     for group in state["param_groups"]:
         # sharded runs turn fused/foreach kernels off; let the resumed single-device optimizer choose again
         group = {k: v for k, v in group.items() if k not in ("fused", "foreach")}
         group["params"] = [position[name] for name in group["params"]]
         groups.append(group)
-    return {"state": {position[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+    return {"state": {position[name]: value for name, value in per_parameter.items()}, "param_groups": groups}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from project.files import atomic_path
+from project.files import atomic_path, remove_stale_temporaries
+from project.formats.checkpoint import read_checkpoint
+from project.training.interrupt import interrupted_step
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +56,14 @@ class LatestCheckpoint(Callback):
         if best is None or best.dirpath is None or self.saved_step == trainer.global_step or trainer.fast_dev_run:
             return  # checkpointing is off, or this step is saved already
         self.path = Path(best.dirpath) / self.FILENAME
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the whole training state, to resume from
         self.saved_step = trainer.global_step
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Before training (or a resume) continues, clear what killed runs left in the checkpoint folders."""
+        if trainer.is_global_zero:
+            for removed in remove_killed_run_leftovers(trainer):
+                log.info("removed %s, left by a run that was killed", removed)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         n = self.every_n_train_steps
@@ -62,19 +73,47 @@ class LatestCheckpoint(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_step > 0:
             self.save(trainer)
+        if interrupted_step(trainer) is not None and trainer.is_global_zero and self.path is not None:
+            log.info("interrupted at step %d: saved %s; resume with --ckpt_path last", trainer.global_step, self.path)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not self.save_on_exception or trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
             return  # nothing trained: no checkpoint to write (and none in a validate/test/predict run's folder)
         self.save(trainer)
         if trainer.is_global_zero and self.path is not None:
-            why = "interrupted" if isinstance(exception, KeyboardInterrupt) else f"stopped by {type(exception).__name__}"
+            why = ("interrupted" if isinstance(exception, KeyboardInterrupt) else "stopped by SIGTERM"
+                   if isinstance(exception, SIGTERMException) else f"stopped by {type(exception).__name__}")
             log.info("%s at step %d: saved %s; resume with --ckpt_path last", why, trainer.global_step, self.path)
+
+
+def remove_killed_run_leftovers(trainer: Trainer) -> list[Path]:
+    """Delete, in each ModelCheckpoint's folder, the temporaries of dead writers and, on a resume, the checkpoints a
+    killed run saved after the one resumed from, which the restored ModelCheckpoint state does not know (a
+    best-stepN.ckpt beside the tracked one under save_top_k 1): that run's later steps are trained again."""
+    removed = []
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
+            continue
+        folder = Path(callback.dirpath)
+        removed += remove_stale_temporaries(folder)
+        if trainer.ckpt_path is None or not callback.best_k_models:
+            continue  # a new run, or no state restored for this folder: nothing is known to be an orphan
+        kept = [*callback.best_k_models, callback.best_model_path, callback.last_model_path,
+                callback.kth_best_model_path, trainer.ckpt_path, folder / LatestCheckpoint.FILENAME]
+        tracked = {Path(p).resolve() for p in kept if p}
+        # the files this callback names (its filename template, Lightning's default when unset), not others
+        pattern = re.sub(r"\{[^}]*\}", "*", callback.filename or "{epoch}-{step}") + callback.FILE_EXTENSION
+        for path in folder.glob(pattern):
+            if path.is_file() and path.resolve() not in tracked:
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint file atomically (project.files.atomic_path): a kill mid-write leaves the previous
-    complete file. Distributed (DCP) folders are written by the strategy itself, not through this plugin."""
+    complete file, and reads checkpoints safely: files weights-only, DCP folders (written by ShardedStrategy
+    itself, not through this plugin) through project.formats.dcp, so a single-device or DDP run resumes from one."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         with atomic_path(path) as staging:
@@ -82,7 +121,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = None) -> dict:
         """Lightning's resume reads through here: weights only, whatever --weights_only says (the CLI refuses
-        false, and has checked the file with project.formats.checkpoint.read_checkpoint)."""
+        false, and has checked the checkpoint with project.formats.checkpoint.read_checkpoint); a DCP folder
+        gathered into full tensors, optimizer state included."""
+        if Path(path).is_dir():
+            return read_checkpoint(path, optimizer=True)
         return super().load_checkpoint(path, map_location, weights_only=True)
 
 
@@ -110,11 +152,13 @@ def rng_states() -> dict:
 
 
 def set_rng_states(states: dict) -> None:
-    """Restore what `rng_states` returned (CUDA states only where CUDA is available)."""
+    """Restore what `rng_states` returned; CUDA states only for the GPUs this process has (a run saved on 8 GPUs
+    resumes on 1: torch.cuda.set_rng_state_all would fail on the 7 missing ones)."""
     torch.set_rng_state(states["torch"])
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     n = states["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
     if "torch.cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["torch.cuda"])
+        for index, state in enumerate(states["torch.cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)

@@ -33,15 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.text import Perplexity
 
 from project.chat import IGNORE_INDEX, PromptTemplate, prompt_template
 from project.data.finetune import Example, pad
 from project.formats.checkpoint import load_model, weights_digest
 from project.generate import GenerationSettings, complete_batch
-from project.lora import LoRASettings, add_lora, is_lora_key, parameter_counts
+from project.lora import LoRASettings, add_lora, is_lora_key, lora_layers, parameter_counts
 from project.model import GPT, GPTConfig, architecture_fields
-from project.training.module import TRAIN_LOSS, GPTModule
+from project.training.module import GPTModule, PerplexityFromLoss
 from project.training.optim import OptimizerSettings
 
 log = logging.getLogger(__name__)
@@ -112,8 +111,9 @@ class FineTuneModule(GPTModule):
         self.task = task
         self.template = prompt_template(template) if task == "instruct" else None
         self.lora, self.classes, self.train_last_blocks = lora, classes, train_last_blocks
+        # the base's weights, until `configure_model` fills the (meta-device) GPT with them
+        self.base_weights = None if base is None else {name: p.detach() for name, p in base.model.named_parameters()}
         if base is not None:
-            self.model.load_state_dict(base.model.state_dict())
             self.tokenizer = base.tokenizer
             if self.template is not None and self.tokenizer.eot_id is None:
                 raise ValueError(f"instruction fine-tuning needs a tokenizer with an end-of-text token (where a "
@@ -134,10 +134,10 @@ class FineTuneModule(GPTModule):
             "config": asdict(config),
             "compile": compile,
         })
-        self.eval_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.eval_ppl = PerplexityFromLoss()
         self.head: nn.Linear | None = None
         if lora is not None:
-            add_lora(self.model, lora)  # freezes the base
+            add_lora(self.model, lora)  # freezes the base; on the meta device, like the GPT, until configure_model
             self.strict_loading = False  # its checkpoints hold the adapters (and a head) only
         elif train_last_blocks is not None:
             freeze_all_but_last_blocks(self.model, train_last_blocks)
@@ -152,7 +152,8 @@ class FineTuneModule(GPTModule):
             raise ValueError(f"a classifier needs two or more distinct classes, got {classes}")
         self.classes = list(classes)
         self.hparams["classes"] = self.classes
-        self.head = nn.Linear(self.config.n_embd, len(classes), bias=False, device=self.model.wte.weight.device)
+        device = "cpu" if self.model.wte.weight.is_meta else self.model.wte.weight.device  # moved with the module
+        self.head = nn.Linear(self.config.n_embd, len(classes), bias=False, device=device)
         # micro: the share of texts classified right (torchmetrics' default, macro, averages the classes' recalls)
         self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes=len(classes), average="micro")
                                                        for _ in range(3))
@@ -169,6 +170,22 @@ class FineTuneModule(GPTModule):
         return self.head(hidden[torch.arange(ids.size(0), device=ids.device), lengths - 1])
 
     # --- lifecycle -----------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Create the weights (GPTModule.configure_model) from the base's (`pretrained_weights`), or seeded when a
+        fine-tuned checkpoint's own weights are loaded next; then the LoRA adapters' initial values. Runs once."""
+        if not any(p.is_meta for p in self.model.parameters()):
+            return
+        if self.device_mesh is not None:
+            raise ValueError("fine-tuning runs on one device per process (or DDP): drop the tensor-parallel / FSDP2 "
+                             "strategy (configs/strategy/tp.yaml)")
+        super().configure_model()
+        for layer in lora_layers(self.model).values():
+            layer.reset_lora_parameters()
+        self.base_weights = None
+
+    def pretrained_weights(self):
+        return None if self.base_weights is None else self.base_weights.items()
 
     def setup(self, stage: str) -> None:
         """Classify: the head, from the training data's classes when the model has none yet."""
@@ -212,8 +229,7 @@ class FineTuneModule(GPTModule):
         else:
             x, y = batch
             loss = self.loss(self(x), y)  # cross-entropy skips the -100 targets: the responses' tokens only
-        self.log(TRAIN_LOSS, loss, prog_bar=True)
-        return loss
+        return loss  # logged per interval by StepStats
 
     def validation_step(self, batch, batch_idx: int, split: str = "val") -> None:
         if self.task == "classify":
@@ -226,8 +242,9 @@ class FineTuneModule(GPTModule):
         logits = self(x)
         weight = int((y != IGNORE_INDEX).sum())  # response tokens: the mean is over them, not over the batch
         if weight:
-            self.eval_loss.update(self.loss(logits, y), weight=weight)
-            self.eval_ppl.update(logits.float(), y)
+            loss = self.loss(logits, y)
+            self.eval_loss.update(loss, weight=weight)
+            self.eval_ppl.update(loss, weight=weight)
 
     def test_step(self, batch, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx, split="test")

@@ -1,8 +1,10 @@
-"""One writer per run folder, and no folder left behind by a run that fails before its first checkpoint."""
+"""One writer per run folder, a version of its own for every new run, and no folder left behind by a run that fails
+before its first checkpoint."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -20,11 +22,15 @@ class RunFolderGuard(Callback):
     At setup rank 0 takes an exclusive lock on <log_dir>/.lock (the OS releases it when the process ends, however
     it ends): a second process given the same folder, e.g. `--ckpt_path last` while the run still trains, gets a
     one-line error instead of both writing the same checkpoints. The CLI adds it to every run.
+
+    Args:
+        claimed: the version folder `claim_next_version` created for this run (removed if the run fails before
+            its first checkpoint, even before setup).
     """
 
-    def __init__(self) -> None:
-        self.folder: Path | None = None
-        self.created = False  # by this run: removed again if the run fails before writing a checkpoint
+    def __init__(self, claimed: str | None = None) -> None:
+        self.folder: Path | None = Path(claimed) if claimed else None
+        self.created = claimed is not None  # by this run: removed again if the run fails before writing a checkpoint
         self.lock = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -68,8 +74,29 @@ class RunFolderGuard(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.release()
-        if self.created and self.folder is not None and not any(self.folder.rglob("*.ckpt")):
-            shutil.rmtree(self.folder, ignore_errors=True)  # only config.yaml and logs of a run that never saved
+        if self.created and self.folder is not None:
+            remove_unsaved_run(self.folder)
+
+
+def claim_next_version(folder: Path) -> Path:
+    """Create and return <folder>/version_N for a new run, N one past the highest version there. mkdir is atomic, so
+    runs started together in one folder get different versions (Lightning's loggers would pick the same one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    versions = [int(m[1]) for p in folder.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    version = max(versions, default=-1) + 1
+    while True:
+        try:
+            (folder / f"version_{version}").mkdir()
+            return folder / f"version_{version}"
+        except FileExistsError:  # another run claimed it first
+            version += 1
+
+
+def remove_unsaved_run(folder: Path) -> None:
+    """Delete a run folder this process created if it holds no checkpoint (only config.yaml and logs of a run that
+    failed before saving)."""
+    if folder.is_dir() and not any(folder.rglob("*.ckpt")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class RunFolderBusyError(FileExistsError):
