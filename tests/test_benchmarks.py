@@ -86,3 +86,26 @@ def test_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
     assert sharing["generated"].startswith("ROMEO:") and len(sharing["generated"].strip()) > len("ROMEO:")
     assert "model.safetensors" in sharing["export_files"] and sharing["export_max_logit_difference"] < 1e-4
     assert "tokens/s" in result.stdout and "attention: " in result.stdout
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_tables(tmp_path):
+    """benchmarks/finetune.py --quick: every row of the quality tables (through the real `finetune` command) and of
+    LoRA vs full speed, from a tiny base pretrained for a few steps."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "benchmarks" / "finetune.py"), "--quick", "--data-path",
+                               str(SHAKESPEARE), "--work", str(tmp_path), *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    quality = run()
+    assert quality.returncode == 0, quality.stderr[-3000:]
+    for row in ("pretrained", "random", "majority", "base", "full", "lora"):
+        value = next(line for line in quality.stdout.splitlines() if line.startswith(f"| {row} |")).split("|")[2]
+        assert math.isfinite(float(value)), quality.stdout
+    base = str(tmp_path / "runs" / "base" / "version_0" / "checkpoints" / "last.ckpt")
+    speed = run("--speed", "--base", base)
+    assert speed.returncode == 0, speed.stderr[-3000:]
+    full, lora = (next(line for line in speed.stdout.splitlines() if line.startswith(f"| {name} |")).split("|")
+                  for name in ("full", "lora"))
+    assert int(lora[2].replace(",", "")) < int(full[2].replace(",", ""))  # trainable parameters
+    assert float(lora[3]) < float(full[3])  # optimizer state
