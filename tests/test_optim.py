@@ -9,6 +9,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import scalars
+from project.formats.checkpoint import read_checkpoint
 from project.model import GPTConfig
 from project.training.monitoring import measure_matmul_flops
 from project.training.module import GPTModule
@@ -122,6 +123,7 @@ def test_schedule_scales_both_optimizers_and_checkpoints_restore_both_states(tmp
     trainer.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=True)["optimizer_states"][0]["optimizers"]
     assert len(saved) == 2
+    read_checkpoint(ckpt)  # the check every command runs first accepts the pair's state
     muon_state, adamw_state = (next(iter(s["state"].values())) for s in saved)
     assert "momentum_buffer" in muon_state and "exp_avg" in adamw_state
 

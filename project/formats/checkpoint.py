@@ -250,11 +250,17 @@ def check_training_state(checkpoint: dict, path: Path) -> None:
     def is_table(value) -> bool:
         return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, dict) for k, v in value.items())
 
+    def is_optimizer_state(value, combined: bool = True) -> bool:
+        """torch's optimizer state dict, or Muon + AdamW's (CombinedOptimizer: {"optimizers": [torch's, ...]})."""
+        if combined and isinstance(value, dict) and set(value) == {"optimizers"}:
+            return isinstance(value["optimizers"], list) and all(is_optimizer_state(inner, combined=False)
+                                                                 for inner in value["optimizers"])
+        return isinstance(value, dict) and isinstance(value.get("state"), dict) and isinstance(
+            value.get("param_groups"), list)
+
     checks = {
         "global_step": is_count, "epoch": is_count, "loops": lambda v: isinstance(v, dict), "callbacks": is_table,
-        "optimizer_states": lambda v: isinstance(v, list) and all(
-            isinstance(s, dict) and isinstance(s.get("state"), dict) and isinstance(s.get("param_groups"), list)
-            for s in v),
+        "optimizer_states": lambda v: isinstance(v, list) and all(is_optimizer_state(s) for s in v),
         "lr_schedulers": lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v),
         "bytes_per_token": lambda v: isinstance(v, dict) and all(
             isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 for n in v.values()),
