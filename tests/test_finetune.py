@@ -328,7 +328,9 @@ def test_classification_end_to_end(capsys, trained_run, tasks, tmp_path):
     finetune(capsys, tmp_path, "fit", "--model.task", "classify", "--model.init_from", str(trained_run["ckpt"]),
              "--model.train_last_blocks", "1", "--data.train_path", str(speakers / "train.csv"),
              "--data.val_path", str(speakers / "val.csv"), "--data.batch_size", "8", "--trainer.max_steps", "3",
-             "--trainer.limit_val_batches", "2")
+             "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1")
+    logged = scalars(tmp_path / "runs" / "finetune" / "version_0")
+    assert "train/tokens_per_sec" in logged and "train/mfu" not in logged  # no FLOP count: no MFU of 0
     ckpt = tmp_path / "runs" / "finetune" / "version_0" / "checkpoints" / "last.ckpt"
     stored = torch.load(ckpt, weights_only=True)
     classes = json.loads((tasks / "meta.json").read_text())["speakers"]
