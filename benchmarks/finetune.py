@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -40,12 +41,13 @@ import torch  # noqa: E402
 CONFIGS = REPO / "configs" / "finetune"
 
 
-def project(*args: str, cwd: Path) -> None:
-    """`python -m project ARGS` in a subprocess; its stderr's tail on failure."""
+def project(*args: str, cwd: Path) -> str:
+    """`python -m project ARGS` in a subprocess; what it printed (its stderr's tail on failure)."""
     result = subprocess.run([sys.executable, "-m", "project", *args], cwd=cwd, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     if result.returncode != 0:
         raise SystemExit(f"python -m project {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return result.stdout
 
 
 def scalars(run: Path) -> dict[str, list[float]]:
@@ -64,9 +66,12 @@ def run_folder(work: Path, name: str) -> list[str]:
 
 
 def finetune(work: Path, name: str, subcommand: str, configs: list[str], *args: str) -> dict[str, list[float]]:
-    """One `python -m project finetune` run; the scalars it logged."""
+    """One `python -m project finetune` run; the scalars it logged (`fit`) or printed (`validate`, `test`: they
+    write no run folder)."""
     flags = [f for config in configs for f in ("--config", str(CONFIGS / config))]
-    project("finetune", subcommand, *flags, *args, *run_folder(work, name), cwd=work)
+    printed = project("finetune", subcommand, *flags, *args, *run_folder(work, name), cwd=work)
+    if subcommand != "fit":
+        return {tag: [float(value)] for tag, value in re.findall(r"((?:val|test)/\w+)\W+([-+\d.eE]+)", printed)}
     return scalars(work / "runs" / name / "version_0")
 
 

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -340,10 +341,11 @@ def test_classification_end_to_end(capsys, trained_run, tasks, tmp_path):
         assert torch.equal(stored["state_dict"][key], base[key])
     assert not torch.equal(stored["state_dict"]["model.blocks.1.mlp.fc.weight"], base["model.blocks.1.mlp.fc.weight"])
 
-    finetune(capsys, tmp_path, "test", "--ckpt_path", str(ckpt), "--data.test_path", str(speakers / "test.csv"),
-             "--trainer.limit_test_batches", "2")
-    tested = scalars(tmp_path / "runs" / "finetune" / "version_1")
-    assert 0 <= tested["test/acc"][0] <= 1 and tested["test/loss"][0] > 0
+    code, err, out = run_main(capsys, "finetune", "test", "--ckpt_path", str(ckpt), "--data.test_path",
+                              str(speakers / "test.csv"), "--trainer.limit_test_batches", "2", *QUIET, stdout=True)
+    assert code == 0, err[-3000:]
+    tested = dict(re.findall(r"(test/\w+)\W+([\d.]+)", out))  # test prints its figures (it writes no run folder)
+    assert 0 <= float(tested["test/acc"]) <= 1 and float(tested["test/loss"]) > 0
 
     out = tmp_path / "labels.jsonl"
     write_lines(tmp_path / "texts.csv", ["text", '"O Romeo, Romeo"', "Now is the winter of our discontent", "I go."])
