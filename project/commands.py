@@ -27,6 +27,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from project.cli import PROG, OneLineErrorParser, run_lightning
 from project.data.streaming import prepare_corpus  # imports litdata only when it runs
 from project.formats.checkpoint import consolidate_checkpoint, load_model
+from project.decoding import Decoder, InferenceDtype, cast_for_inference
 from project.formats.gguf import GGUFDtype
 from project.generate import GenerationSettings
 from project.guide import NOTEBOOK_DIR, build_guide  # imports nbclient/nbconvert only when it runs
@@ -46,7 +47,8 @@ def out_of_memory(err: BaseException) -> bool:
 
 
 def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: GenerationSettings = GenerationSettings(),
-                     stream: bool = False, device: str = "cpu") -> None:
+                     stream: bool = False, device: str = "cpu", dtype: InferenceDtype = "float32",
+                     compile: bool = True) -> None:
     """Generate text from a checkpoint and print it (as it is produced with --stream true).
 
     Args:
@@ -56,6 +58,10 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: Generati
         generation: sampling settings (--generation.temperature 0 is greedy).
         stream: print text as it is generated (without it, the whole text once it is complete).
         device: torch device, e.g. cpu or cuda.
+        dtype: the weights' precision while generating: float32, bfloat16 (half the bytes; logits within a few
+            hundredths of float32's) or float16.
+        compile: compile the decoding step first (torch.compile; its time is printed on stderr, seconds once the
+            compiler's cache is warm) for the fastest tokens; false starts at once.
     """
     from project.generate import stream as stream_text
 
@@ -64,7 +70,11 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: Generati
                          "nothing until every token is sampled, which may never end: pass --stream true, or at "
                          f"most {UNSTREAMED_TOKEN_LIMIT:,} tokens")
     loaded = load_model(ckpt_path, device=device)
-    pieces = stream_text(loaded.model, loaded.tokenizer, prompt, generation)
+    model = cast_for_inference(loaded.model, dtype)
+    if compile:
+        seconds = Decoder(model, slots=1, compile=True).warm_up()
+        print(f"compiled the decoding step in {seconds:.1f} s", file=sys.stderr, flush=True)
+    pieces = stream_text(model, loaded.tokenizer, prompt, generation, compile=compile)
     first = next(pieces, "")  # checks the prompt and settings before anything is printed
     if not stream:
         pieces = iter(["".join(pieces)])  # the whole text, printed at once
@@ -123,9 +133,11 @@ def serve_command(
     api_key: str | None = None,
     model_name: str = "gpt",
     max_prompt_chars: int = 2000,
-    concurrency_limit: int = 2,
+    slots: int = 8,
     max_queue: int = 32,
     device: str = "cpu",
+    dtype: InferenceDtype = "float32",
+    compile: bool = True,
 ) -> None:
     """Serve the Gradio app at / and an OpenAI-compatible API under /v1, on one port.
 
@@ -137,13 +149,15 @@ def serve_command(
             PROJECT_API_KEY environment variable, which keeps it out of the process list.
         model_name: the model's id in the API (`model` in requests, /v1/models).
         max_prompt_chars: longest prompt the page accepts, in characters.
-        concurrency_limit: page requests processed at once; the rest wait in the queue.
-        max_queue: page requests that may wait; beyond this the page asks to try again.
+        slots: requests decoded together (the API's and the page's), each with its own KV cache slot.
+        max_queue: requests that may wait for a slot; beyond this the API answers 429 with Retry-After and the
+            page asks to try again.
         device: torch device, e.g. cpu or cuda.
+        dtype: the weights' precision while serving: float32, bfloat16 (half the bytes; logits within a few
+            hundredths of float32's) or float16.
+        compile: compile the decoding step at start-up (torch.compile; its time is printed) for the fastest tokens.
     """
-    import uvicorn
-
-    from project.serve.server import API_KEY_ENV, build_server, check_can_listen, is_loopback  # gradio when built
+    from project.serve.server import API_KEY_ENV, build_server, check_can_listen, is_loopback, run_server
 
     check_can_listen(host, port)  # a busy port or unknown host: one line, before the model is loaded
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -151,10 +165,15 @@ def serve_command(
         raise ValueError(f"--host {host} opens the server to the network: set an API key with --api_key or "
                          f"{API_KEY_ENV}, or keep the default --host 127.0.0.1")
     loaded = load_model(ckpt_path, device=device)
+    cast_for_inference(loaded.model, dtype)
     server = build_server(loaded, api_key=api_key, model_name=model_name, max_prompt_chars=max_prompt_chars,
-                          concurrency_limit=concurrency_limit, max_queue=max_queue)
-    print(f"serving {loaded.path} on http://{host}:{port}: the page at /, the OpenAI API at /v1", flush=True)
-    uvicorn.run(server, host=host, port=port, log_level="warning")
+                          slots=slots, max_waiting=max_queue, compile=compile)
+    scheduler = server.state.scheduler
+    if compile:
+        print(f"compiled the decoding step in {scheduler.compile_seconds:.1f} s", flush=True)
+    print(f"serving {loaded.path} on http://{host}:{port}: the page at /, the OpenAI API at /v1 ({slots} requests "
+          f"decoded together, {max_queue} more may wait)", flush=True)
+    run_server(server, host, port, scheduler)
 
 
 def evaluate_command(
