@@ -26,8 +26,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from project.cli import PROG, OneLineErrorParser, run_lightning
 from project.data.streaming import prepare_corpus  # imports litdata only when it runs
-from project.formats.checkpoint import consolidate_checkpoint, load_model
 from project.decoding import Decoder, InferenceDtype, cast_for_inference
+from project.formats.checkpoint import consolidate_checkpoint, load_model
 from project.formats.gguf import GGUFDtype
 from project.generate import GenerationSettings
 from project.guide import NOTEBOOK_DIR, build_guide  # imports nbclient/nbconvert only when it runs
@@ -71,10 +71,10 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: Generati
                          f"most {UNSTREAMED_TOKEN_LIMIT:,} tokens")
     loaded = load_model(ckpt_path, device=device)
     model = cast_for_inference(loaded.model, dtype)
-    if compile:
+    pieces = stream_text(model, loaded.tokenizer, prompt, generation, compile=compile)  # checks the prompt
+    if compile:  # paid before the first token, and said apart from it
         seconds = Decoder(model, slots=1, compile=True).warm_up()
         print(f"compiled the decoding step in {seconds:.1f} s", file=sys.stderr, flush=True)
-    pieces = stream_text(model, loaded.tokenizer, prompt, generation, compile=compile)
     first = next(pieces, "")  # checks the prompt and settings before anything is printed
     if not stream:
         pieces = iter(["".join(pieces)])  # the whole text, printed at once

@@ -418,13 +418,26 @@ def test_generation_leaves_the_model_as_it_was(kind):
 def test_cli_generate_streams_reproducible_text(trained_run):
     args = ("generate", "--ckpt_path", str(trained_run["ckpt"]), "--prompt", "ROMEO:", "--generation.seed", "1",
             "--stream", "true", "--generation.max_new_tokens", "60")
-    first = run_cli(*args, cwd=trained_run["root"])
+    first = run_cli(*args, cwd=trained_run["root"])  # compiled first, by default
     assert first.returncode == 0, first.stderr[-2000:]
-    assert first.stdout.startswith("ROMEO:")
+    assert first.stdout.startswith("ROMEO:") and "compiled the decoding step in" in first.stderr
     assert len(first.stdout) > len("ROMEO:") + 10
-    second = run_cli(*args, cwd=trained_run["root"])
+    second = run_cli(*args, "--compile", "false", cwd=trained_run["root"])
     assert second.returncode == 0, second.stderr[-2000:]
-    assert second.stdout == first.stdout
+    assert second.stdout == first.stdout and "compiled" not in second.stderr
+
+
+def test_generate_runs_in_bfloat16(trained_run, capsys):
+    from project.commands import generate_command
+
+    args = dict(ckpt_path=str(trained_run["ckpt"]), prompt="ROMEO:", compile=False,
+                generation=GenerationSettings(max_new_tokens=20, temperature=0))
+    generate_command(**args)
+    f32 = capsys.readouterr().out
+    generate_command(**args, dtype="bfloat16")
+    bf16 = capsys.readouterr().out
+    assert f32.startswith("ROMEO:") and bf16.startswith("ROMEO:") and len(bf16) == len(f32)  # 20 characters each
+    # (how far bfloat16 logits move: tests/test_decoding.py and benchmarks/README.md)
 
 
 def test_benchmark_quick_prints_the_table():

@@ -245,10 +245,12 @@ class Scheduler:
             self.wake.notify()
 
     def close(self, timeout: float = 10.0) -> None:
-        """`stop`, then wait for the decoding thread to end."""
+        """`stop`, then wait for the decoding thread to end (or, never started, fail the waiting requests)."""
         self.stop()
         if self.thread.is_alive():
             self.thread.join(timeout)
+        elif not self.ready.is_set():
+            self._fail_waiting()
 
     # -- the decoding thread ----------------------------------------------------------------------------------------
 
@@ -279,6 +281,9 @@ class Scheduler:
         for running in self.running:
             running.handle.emit(Failed("the server is shutting down"))
         self.running.clear()
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
         with self.wake:
             while self.waiting:
                 self.waiting.popleft().emit(Failed("the server is shutting down"))
