@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
             raise  # our bug: the traceback is the report
         print(f"error: not enough memory ({one_line(err)[:160]}): {MEMORY_HINT}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C (serve re-raises it once its requests are ended): no traceback
+        sys.exit(128 + signal.SIGINT)
     except SystemExit as err:
         # Lightning ends a fit stopped by SIGTERM (last.ckpt saved) with SIGTERMException, a SystemExit of status 0;
         # the shell convention for "terminated" is 128 + 15 (the module is loaded if Lightning ran at all)

@@ -4,7 +4,11 @@ through the official `openai` client and raw HTTP, on the trained character mode
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import GPT2_STYLE, free_port, tiny_gpt
+from conftest import GPT2_STYLE, REPO, free_port, tiny_gpt
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -425,3 +429,52 @@ def test_bpe_usage_and_finish_reason_count_sampled_ids_not_re_encoded_text(bpe_u
             assert choice.finish_reason == "stop" and response.usage.completion_tokens == len(choice.logprobs.tokens) + 1
     re_encoded = [len(tokenizer.encode(text)) for text in texts]
     assert re_encoded != tokens, "these random-model samples should re-encode to other token counts"
+
+
+# --- shutting down ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_requests_in_flight_stops_the_server_at_once(trained_run, tmp_path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "project", "serve", "--ckpt_path", str(trained_run["ckpt"]),
+                               "--port", str(port), "--compile", "false", "--slots", "1", "--max_queue", "64"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()[-3000:]
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60, max_retries=0)
+
+        def ask(seed):
+            try:
+                return client.completions.create(model="gpt", prompt="ROMEO:", max_tokens=24, seed=seed,
+                                                 stream=seed % 2 == 1)
+            except (openai.APIStatusError, openai.APIConnectionError) as err:
+                return err
+
+        with ThreadPoolExecutor(40) as pool:
+            futures = [pool.submit(ask, seed) for seed in range(40)]
+            while not any(f.done() for f in futures):
+                time.sleep(0.01)
+            server.send_signal(signal.SIGINT)  # one slot, 40 requests: most are waiting or decoding
+            start = time.monotonic()
+            returncode = server.wait(timeout=30)
+            assert time.monotonic() - start < 15
+            for future in futures:
+                answer = future.result(timeout=30)  # none hangs
+                if isinstance(answer, openai.Stream):
+                    try:
+                        list(answer)
+                    except (openai.APIError, httpx.HTTPError):  # an error event, or the connection closed
+                        pass
+    finally:
+        server.kill()
+    stderr = server.stderr.read()
+    assert returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-3000:]
