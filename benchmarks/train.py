@@ -121,7 +121,9 @@ def make_module(setup: dict, vocab_size: int):
     torch.manual_seed(1337)
     model = dict(setup["model"])
     config = GPTConfig(**{**model.pop("config"), "vocab_size": vocab_size})
-    return GPTModule(config, **model)
+    module = GPTModule(config, **model)
+    module.configure_model()  # the weights (the Trainer would call it; a second call does nothing)
+    return module
 
 
 def autocast_dtype(precision: str):

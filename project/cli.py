@@ -8,6 +8,7 @@ project/commands.py dispatches to `run_lightning` and turns the errors raised he
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from dataclasses import fields
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import Strategy
@@ -28,10 +30,10 @@ from project.training.checkpointing import AtomicCheckpointIO, LatestCheckpoint
 from project.training.module import VAL_LOSS, GPTModule
 from project.training.monitoring import TextSampleCallback, TokenThroughput
 from project.training.nan_guard import NonFiniteLossGuard
-from project.training.optim import OptimizerSettings
+from project.training.optim import MUON_SHARDED_ERROR, OptimizerSettings
 from project.training.predictions import PredictionWriter
 from project.training.run_folder import claim_next_version, remove_unsaved_run
-from project.training.strategy import ShardedStrategy
+from project.training.strategy import ShardedStrategy, latest_step_folder
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class GPTCLI(LightningCLI):
             return
         config = self.config[subcommand]
         check_trainer_flags(config.trainer)
+        check_sharded_optimizer(config)
         place_runs_under_root_dir(config)
         if not config.get("ckpt_path"):
             return
@@ -92,7 +95,7 @@ class GPTCLI(LightningCLI):
         if config.ckpt_path == "last":
             resolve_last_checkpoint(config)
         # a missing, truncated, foreign or crafted checkpoint: one-line error here, before anything is built
-        checkpoint = read_checkpoint(config.ckpt_path)
+        checkpoint = read_checkpoint(config.ckpt_path, weights=False)  # a DCP folder: its index, not its shards
         # the checkpoint's settings become the defaults, so config files and flags are what differs from it
         parser.set_defaults({f"{subcommand}.{key}": value for key, value in checkpoint_settings(checkpoint).items()})
         given = parser.parse_args(args)[subcommand]
@@ -112,6 +115,8 @@ class GPTCLI(LightningCLI):
         add_callback(config.trainer, "project.training.run_folder.RunFolderGuard",
                      {"claimed": str(self.claimed)} if self.claimed else None)
         add_callback(config.trainer, "project.training.checkpointing.RandomState")  # dropout resumes exactly
+        add_callback(config.trainer, "project.training.step_stats.StepStats")  # one host sync per logging interval
+        add_callback(config.trainer, "project.training.interrupt.GracefulInterrupt")  # Ctrl-C: all ranks stop alike
         for key, value in getattr(self, "settled", {}).items():
             config[key] = value
 
@@ -151,12 +156,13 @@ def add_callback(trainer_config, class_path: str, init_args: dict | None = None)
     trainer_config.callbacks = [*callbacks, Namespace(class_path=class_path, init_args=Namespace(**(init_args or {})))]
 
 
+@rank_zero_only  # other ranks get None: Lightning broadcasts rank 0's folder to them
 def claim_run_folder(config) -> Path | None:
     """A new run's version folder, claimed now (`claim_next_version`) and set as the logger's version, so runs
     started together in one folder never share one. None when the version is set (a resume), no logger writes, or
     this is another rank's process (Lightning broadcasts rank 0's folder to them)."""
     init = logger_init_args(config)
-    if rank_zero_only.rank != 0 or init is None or init.get("version", False) is not None or None in (init.get("save_dir"), init.get("name")):
+    if init is None or init.get("version", False) is not None or None in (init.get("save_dir"), init.get("name")):
         return None
     folder = claim_next_version(Path(init.save_dir, init.name))
     init.version = int(folder.name.removeprefix("version_"))
@@ -179,6 +185,23 @@ def check_trainer_flags(trainer) -> None:
     accumulate = trainer.get("accumulate_grad_batches")
     if isinstance(accumulate, int) and accumulate < 1:
         raise ValueError(f"--trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
+
+
+def check_sharded_optimizer(config) -> None:
+    """Muon under ModelParallelStrategy: refused here, before any process is launched (`MUON_SHARDED_ERROR`)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = config.trainer.get("strategy")
+    class_path = str(getattr(strategy, "class_path", strategy))
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        strategy_class = getattr(importlib.import_module(module_name), class_name) if module_name else None
+    except (ImportError, AttributeError):
+        return  # not a class path (e.g. "ddp"), or one LightningCLI reports itself
+    optimizer = config.model.get("optimizer") or {}
+    sharded = isinstance(strategy_class, type) and issubclass(strategy_class, ModelParallelStrategy)
+    if sharded and optimizer.get("name") == "muon":
+        raise ValueError(MUON_SHARDED_ERROR)
 
 
 def logger_init_args(config):
@@ -308,8 +331,18 @@ def check_checkpoint_reader(strategy, ckpt_path: str) -> None:
                      "keep project.training.checkpointing.AtomicCheckpointIO in --trainer.plugins")
 
 
+def last_checkpoint_in(link: Path) -> Path | None:
+    """What `last` is in one checkpoints folder, given its last.ckpt: a sharded run's newest complete step folder
+    (the last.ckpt link names it too, unless the run died between the two), else last.ckpt itself, or None."""
+    folder = latest_step_folder(link.parent)
+    if folder is not None:
+        return folder
+    return link if link.is_file() or (link / ".metadata").is_file() else None  # a file or a DCP folder
+
+
 def resolve_last_checkpoint(config) -> None:
-    """`--ckpt_path last`: the newest last.ckpt of this logger name (runs/<name>/version_*/checkpoints).
+    """`--ckpt_path last`: the newest last.ckpt, or sharded run's newest complete step folder (`last_checkpoint_in`),
+    of this logger name (runs/<name>/version_*/checkpoints).
 
     Lightning's own "last" looks in the new run's (empty) version folder; this one finds the interrupted run,
     and sets the logger's version to it so the resumed run's curves continue in the same folder.
@@ -319,11 +352,11 @@ def resolve_last_checkpoint(config) -> None:
     if dirpath:
         candidates = [Path(dirpath) / "last.ckpt"]
     elif init is not None and init.get("save_dir") is not None and init.get("name") is not None:
-        candidates = list(Path(init.save_dir, init.name).glob("version_*/checkpoints/last.ckpt"))
+        candidates = [d / "last.ckpt" for d in Path(init.save_dir, init.name).glob("version_*/checkpoints")]
     else:
         root = config.trainer.get("default_root_dir") or "."
         candidates = [Path(root) / "checkpoints" / "last.ckpt"]
-    candidates = [p for p in candidates if p.is_file() or (p / ".metadata").is_file()]  # a file or a DCP folder
+    candidates = [last for last in map(last_checkpoint_in, candidates) if last is not None]
     if not candidates:
         where = dirpath or (Path(init.save_dir, init.name, "version_*", "checkpoints") if init else "checkpoints")
         raise FileNotFoundError(
@@ -338,9 +371,9 @@ def resolve_last_checkpoint(config) -> None:
     log.info("resuming from %s", newest)
 
 
-def run_lightning(args: list[str] | None) -> None:
-    """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv)."""
-    GPTCLI(
+def run_lightning(args: list[str] | None) -> Trainer:
+    """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv); returns the Trainer."""
+    return GPTCLI(
         GPTModule,
         TextDataModule,
         args=args,
@@ -353,4 +386,4 @@ def run_lightning(args: list[str] | None) -> None:
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,
         parser_kwargs={"default_env": False, "prog": PROG},
-    )
+    ).trainer

@@ -31,6 +31,7 @@ from project.formats.checkpoint import consolidate_checkpoint, load_model
 from project.formats.gguf import GGUFDtype
 from project.generate import GenerationSettings
 from project.guide import NOTEBOOK_DIR, build_guide  # imports nbclient/nbconvert only when it runs
+from project.training.interrupt import interrupted_step
 
 # errors that carry a message meant for the user: printed as one line, exit status 1 (Lightning raises
 # MisconfigurationException for settings it cannot honour)
@@ -340,7 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         if words[0] in COMMANDS:
             auto_cli(COMMANDS[words[0]], args=words[1:], prog=f"{PROG} {words[0]}", parser_class=OneLineErrorParser)
         elif words[0] in LIGHTNING_SUMMARIES or words[0].startswith("-"):
-            run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+            trainer = run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+            if interrupted_step(trainer) is not None:
+                sys.exit(130)  # stopped by Ctrl-C (after saving last.ckpt): the shell's status for SIGINT
         else:
             raise ValueError(f"unknown command {words[0]!r}: use one of {', '.join([*LIGHTNING_SUMMARIES, *COMMANDS])} "
                              f"({PROG} --help)")

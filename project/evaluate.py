@@ -32,7 +32,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 
 from project.generate import GenerationSettings, completion_text, generate
@@ -82,7 +81,9 @@ class HarnessLM(TemplateLM):
         """(sum of log-probabilities of the continuation, whether it is the greedy one) per (context, continuation).
 
         Each pair is scored in one forward pass over its last block_size tokens; sequences are padded on the
-        right, which a causal model never attends to.
+        right, which a causal model never attends to. Only the positions that predict a continuation token are
+        normalised (a log-softmax over (scored positions, V), not over every position of the batch), and each
+        batch is read back to the host once.
         """
         results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))  # similar lengths batch
@@ -100,15 +101,21 @@ class HarnessLM(TemplateLM):
             if not inputs:
                 continue
             width = max(len(ids) for _, ids, _ in inputs)
-            idx = torch.zeros(len(inputs), width, dtype=torch.long, device=self.model_device)
+            idx = torch.zeros(len(inputs), width, dtype=torch.long)
             for row, (_, ids, _) in enumerate(inputs):
                 idx[row, : len(ids)] = torch.tensor(ids)
-            logprobs = F.log_softmax(self.model(idx).float(), dim=-1)  # (B, T, V)
-            for row, (i, ids, n) in enumerate(inputs):
-                target = torch.tensor(pairs[i][1], device=self.model_device)
-                predicted = logprobs[row, len(ids) - n : len(ids)]  # (n, V): the positions predicting the continuation
-                total = predicted.gather(-1, target[:, None]).sum()
-                results[i] = (float(total), bool((predicted.argmax(-1) == target).all()))
+            # the scored positions: row r, positions len(ids) - n ... len(ids) - 1, and the tokens they predict
+            owner = torch.cat([torch.full((n,), row) for row, (_, _, n) in enumerate(inputs)])
+            position = torch.cat([torch.arange(len(ids) - n, len(ids)) for _, ids, n in inputs])
+            target = torch.cat([torch.tensor(pairs[i][1]) for i, _, _ in inputs])
+            owner, position, target = (t.to(self.model_device) for t in (owner, position, target))
+            logits = self.model(idx.to(self.model_device))[owner, position]  # (scored positions, V)
+            logprob = logits.float().log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
+            totals = torch.zeros(len(inputs), device=self.model_device).index_add_(0, owner, logprob)
+            misses = torch.zeros(len(inputs), dtype=torch.long, device=self.model_device).index_add_(
+                0, owner, (logits.argmax(-1) != target).long())  # argmax of logits = argmax of log-probabilities
+            for (i, _, _), total, missed in zip(inputs, totals.tolist(), misses.tolist()):
+                results[i] = (total, missed == 0)
         return results
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:

@@ -10,6 +10,7 @@ Shapes: B batch, T sequence length, C = n_embd, H = n_head, Hkv = n_kv_head, D =
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
@@ -296,6 +297,8 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        # the one random draw that decides the initial weights (see initial_weights), taken before anything else
+        self.init_seed = int(torch.randint(2**62, (1,), device="cpu"))
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
         self.drop = nn.Dropout(config.dropout)
@@ -309,22 +312,52 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False  # recompute each block in backward instead of storing its activations
-        self.reset_parameters()
+        if self.wte.weight.device.type != "meta":  # on the meta device the caller materialises it (GPTModule)
+            self.init_weights(self.init_seed)
 
-    def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        # each block adds two branches to the residual stream; keep its variance from growing with depth
-        std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std)
-            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=std)
+    def initial_weights(self, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """GPT-2 initialisation, one parameter at a time: (name, full float32 CPU tensor), in named_parameters order.
+
+        N(0, 0.02) for matrices and embeddings, the residual projections scaled by 1/sqrt(2 * n_layer) (each block
+        adds two branches to the residual stream: this keeps its variance from growing with depth), norms at 1,
+        biases at 0. Every value comes from one generator seeded with `seed`, whole parameter by whole parameter,
+        so the weights do not depend on the device or on how the parameters are split across devices: a sharded
+        model keeps its own slice of each (project/training/parallel.py) and equals the one-device model.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, param in self.named_parameters():  # a tied head is listed once, as wte.weight
+            module = self.get_submodule(name.rpartition(".")[0])
+            value = torch.empty(param.shape, dtype=torch.float32)  # the full shape, also for a sharded parameter
+            if isinstance(module, (nn.LayerNorm, RMSNorm)):
+                value.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                value.zero_()
+            else:
+                std = residual_std if name.endswith(("attn.proj.weight", "mlp.proj.weight")) else 0.02
+                value.normal_(0.0, std, generator=generator)
+            yield name, value
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Set every parameter to `initial_weights(seed)` (a model of plain tensors, on any device)."""
+        params = dict(self.named_parameters())
+        for name, value in self.initial_weights(seed):
+            params[name].copy_(value)
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the LM head again when tie_embeddings is set. Moving meta parameters
+        to a device (`to_empty`) or splitting them (tensor parallelism) makes new Parameter objects for each name."""
+        if self.config.tie_embeddings and self.lm_head.weight is not self.wte.weight:
+            self.lm_head.weight = self.wte.weight
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the RoPE tables (buffers outside the state dict), e.g. after `to_empty` left them unset."""
+        if self.config.positions == "rope":
+            cos, sin = rope_cache(self.config)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,
                 kv_cache: KVCache | None = None, slot: int = 0) -> torch.Tensor:

@@ -65,6 +65,7 @@ def save_distributed(folder: Path, checkpoint: dict) -> None:
     from project.training.optim import build_optimizer
 
     module = GPTModule(**checkpoint["hyper_parameters"])
+    module.configure_model()  # the weights (built on the meta device until then)
     module.load_state_dict(checkpoint["state_dict"])
     optimizer, _ = build_optimizer(module.model, module.optimizer_settings, total_steps=1, fused=False, sharded=False)
     optimizer.load_state_dict(checkpoint["optimizer_states"][0])

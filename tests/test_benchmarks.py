@@ -1,5 +1,7 @@
-"""benchmarks/train.py and generate.py run end to end (--quick: a tiny model, a few steps; no timing assertions)."""
+"""benchmarks/train.py, generate.py and gpu.py run end to end (--quick, --cpu-smoke: tiny models, a few steps; no timing
+assertions)."""
 
+import math
 import os
 import subprocess
 import sys
@@ -69,3 +71,28 @@ def test_serving_benchmark_reports_every_level_and_identical_answers(tmp_path):
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| 1 |", "| 4 |"))]
     assert len(rows) == 2 and all(float(row[2].replace(",", "")) > 0 for row in rows), result.stdout
     assert all(row[6].strip() == "8/8" for row in rows)  # greedy: every answer as the single client's
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
+    """benchmarks/gpu.py --cpu-smoke: the GPU benchmark's every step on a CPU (a tiny model, 6 steps): the fit
+    through the CLI with its probe, the validation step's memory both ways, generate and export."""
+    import json
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--cpu-smoke", "--work",
+                             str(tmp_path / "work"), "--out", str(tmp_path / "gpu.json"), "--data-path",
+                             str(SHAKESPEARE)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads((tmp_path / "gpu.json").read_text())
+    fit = measured["train"]
+    assert fit["steps"] == 6 and fit["tokens_per_sec"] > 0 and 0 < fit["mfu_measured_matmul"] < 1
+    assert [step for step, _ in fit["loss"]] == [2, 4, 6] and all(math.isfinite(v) for _, v in fit["loss"])
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in fit["attention_kernels"]
+    assert fit["peak_memory_allocated_mib"] > 0
+    (row,) = measured["validation_memory"]
+    assert row["batch_size"] == 2 and row["before"] > 0 and row["after"] > 0
+    sharing = measured["sharing"]
+    assert sharing["generated"].startswith("ROMEO:") and len(sharing["generated"].strip()) > len("ROMEO:")
+    assert "model.safetensors" in sharing["export_files"] and sharing["export_max_logit_difference"] < 1e-4
+    assert "tokens/s" in result.stdout and "attention: " in result.stdout

@@ -164,3 +164,41 @@ def test_trained_bpe_run_carries_its_tokenizer_to_generate_and_predict(data_dir,
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     assert json.loads(out.read_text())["prompt"] == "ROMEO:"
     assert not (tmp_path / "no-data-here").exists()
+
+
+def test_bf16_mixed_fit_trains_with_float32_weights(data_dir, tmp_path, capsys, monkeypatch):
+    """bf16-mixed, the precision of the GPU config (configs/gpt2-124m.yaml), through the command line on a CPU:
+    the loss falls, clipping and the fused optimizer run under autocast, and the weights stay float32."""
+    from conftest import run_main
+
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, "fit", "--config", str(REPO / "configs" / "debug.yaml"), "--data.data_dir",
+                         str(data_dir), "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "12",
+                         "--trainer.val_check_interval", "6", "--trainer.log_every_n_steps", "3",
+                         "--trainer.enable_progress_bar", "false", "--samples.max_new_tokens", "8")
+    assert code == 0, err[-2000:]
+    run_dir = tmp_path / "runs" / "gpt" / "version_0"
+    logged = scalars(run_dir)
+    assert all(math.isfinite(v) for v in logged["train/loss"]) and logged["val/loss"][-1] < logged["val/loss"][0]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 12
+    assert {w.dtype for w in checkpoint["state_dict"].values()} == {torch.float32}
+
+
+@pytest.mark.slow  # torch.compile: ~30 s cold on a CPU
+def test_compiled_fit_logs_text_samples(data_dir, tmp_path, capsys, monkeypatch):
+    """`model.compile: true` (the GPU config's) with the text samples logged after each validation: the
+    compiled model trains, and samples from it after every validation."""
+    from conftest import run_main
+
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, "fit", "--config", str(REPO / "configs" / "debug.yaml"), "--data.data_dir",
+                         str(data_dir), "--model.compile", "true", "--trainer.max_steps", "4",
+                         "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "2",
+                         "--trainer.enable_progress_bar", "false", "--samples.max_new_tokens", "16")
+    assert code == 0, err[-2000:]
+    events = EventAccumulator(str(tmp_path / "runs" / "gpt" / "version_0"), size_guidance={"tensors": 0})
+    events.Reload()
+    samples = events.Tensors("samples/text_summary")
+    assert [s.step for s in samples] == [2, 4]
+    assert all(s.tensor_proto.string_val[0].strip() for s in samples)

@@ -116,8 +116,8 @@ def test_train_stream_is_seeded_and_differs_between_ranks(data_dir):
     dm = prepared(data_dir, tokenizer="char", block_size=16, batch_size=2)
     path, dtype = dm.store_dir / "train.bin", dm.record.dtype
 
-    def first_batches(rank, seed=1, start=0, n=3):
-        stream = iter(TrainWindows(path, dtype, 16, 2, seed, rank=rank, start_batch=start))
+    def first_batches(rank=0, seed=1, start=0, n=3, batch_size=2, replicas=2):
+        stream = iter(TrainWindows(path, dtype, 16, batch_size, seed, rank=rank, start_batch=start, replicas=replicas))
         return [next(stream)[0] for _ in range(n)]
 
     a, b, other_rank = first_batches(0), first_batches(0), first_batches(1)
@@ -126,6 +126,10 @@ def test_train_stream_is_seeded_and_differs_between_ranks(data_dir):
     assert not torch.equal(first_batches(0, seed=2)[0], a[0])
     # resuming at batch 2 continues the same stream
     assert torch.equal(first_batches(0, start=2, n=1)[0], a[2])
+    # global batch i depends on (seed, i) only: 2 ranks of 2 windows read what 1 rank of 4 reads, so a run
+    # resumed on another number of ranks (global batch kept) continues with the same windows
+    whole = first_batches(batch_size=4, replicas=1)
+    assert all(torch.equal(torch.cat([u, v]), w) for u, v, w in zip(a, other_rank, whole))
 
 
 def test_workers_interleave_to_the_same_stream(data_dir):

@@ -172,12 +172,14 @@ def test_init_from_hf_directory(chars, tmp_path):
     ours = GPTConfig(vocab_size=chars.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32,
                      gelu_approximate="tanh")
     module = GPTModule(ours, init_from=str(tmp_path / "gpt2")).eval()
+    module.configure_model()  # the HF weights are read here (on each rank only its slices, when sharded)
     idx = torch.randint(chars.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (module(idx) - hf(idx).logits).abs().max().item() < 1e-4
 
     # a shorter context keeps the first positions; a different architecture is refused naming HF's values
     short = GPTModule(GPTConfig(**{**ours.to_dict(), "block_size": 8}), init_from=str(tmp_path / "gpt2")).eval()
+    short.configure_model()
     with torch.no_grad():
         assert (short(idx[:, :8]) - hf(idx[:, :8]).logits).abs().max().item() < 1e-4
     with pytest.raises(ValueError, match=r"n_layer=4 \(HF: 2\).*The HF model is: .*n_layer=2"):

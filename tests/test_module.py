@@ -13,7 +13,9 @@ from project.training.optim import OptimizerSettings, build_optimizer, warmup_co
 
 def tiny_module(**kwargs) -> GPTModule:
     torch.manual_seed(0)
-    return GPTModule(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16), **kwargs)
+    module = GPTModule(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16), **kwargs)
+    module.configure_model()
+    return module
 
 
 def test_loss_is_next_token_cross_entropy():
@@ -83,3 +85,23 @@ def test_optimizer_settings_check_themselves_naming_the_flag(field, value, messa
     with pytest.raises(ValueError, match=f"--model.optimizer.{field}|{message}") as refused:
         OptimizerSettings(**{field: value})
     assert message in str(refused.value)
+
+
+def test_validation_loss_in_chunks_and_perplexity_from_it_equal_the_full_computations():
+    """The validation step never holds more than one float32 chunk of the logits: the chunked loss equals the loss
+    on all of them, and val/ppl from the token-weighted mean loss equals torchmetrics' Perplexity on the logits."""
+    from torchmetrics.text import Perplexity
+
+    from project.training.module import PerplexityFromLoss, chunked_cross_entropy
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(b, 9, 50, generator=generator).to(torch.bfloat16), torch.randint(0, 50, (b, 9)))
+               for b in (3, 1)]  # batches of different sizes: the mean is weighted by tokens
+    ours, reference = PerplexityFromLoss(), Perplexity()
+    for logits, targets in batches:
+        loss = chunked_cross_entropy(logits, targets, rows=4)  # 27 positions: 7 chunks, the last one short
+        full = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        torch.testing.assert_close(loss, full, rtol=1e-6, atol=1e-6)
+        ours.update(loss, weight=targets.numel())
+        reference.update(logits.float(), targets)
+    torch.testing.assert_close(ours.compute(), reference.compute(), rtol=1e-5, atol=0)

@@ -23,7 +23,7 @@ NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 NOTEBOOK_TIMEOUT = 180  # seconds per notebook, all cells together
 CHAPTERS = ["01-tokens-and-embeddings", "02-attention", "03-the-transformer-block", "04-training",
-            "05-generation-and-sharing", "06-your-own-tokenizer",
+            "05-generation-and-sharing", "06-your-own-tokenizer", "07-scaling-out",
             "appendix-a-manual-derivatives"]
 
 

@@ -12,7 +12,8 @@ from conftest import scalars
 from project.model import GPTConfig
 from project.training.monitoring import measure_matmul_flops
 from project.training.module import GPTModule
-from project.training.optim import CombinedOptimizer, OptimizerSettings, build_optimizer, param_groups
+from project.training.optim import (MUON_SHARDED_ERROR, CombinedOptimizer, OptimizerSettings, build_optimizer,
+                                    param_groups)
 
 LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=1, tie_embeddings=False)
 
@@ -24,7 +25,9 @@ def settings(name: str) -> OptimizerSettings:
 def tiny_module(optimizer: str, **config) -> GPTModule:
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, **config)
-    return GPTModule(cfg, optimizer=settings(optimizer))
+    module = GPTModule(cfg, optimizer=settings(optimizer))
+    module.configure_model()
+    return module
 
 
 def batches(n: int = 64) -> TensorDataset:
@@ -56,8 +59,11 @@ def test_muon_takes_block_matrices_and_adamw_the_rest(config):
 
 
 def test_muon_refuses_sharded_weights_with_the_fix():
-    with pytest.raises(ValueError, match="--model.optimizer.name adamw"):
+    with pytest.raises(ValueError) as refused:
         build_optimizer(tiny_module("muon").model, settings("muon"), total_steps=20, sharded=True)
+    assert str(refused.value) == MUON_SHARDED_ERROR and "\n" not in MUON_SHARDED_ERROR
+    assert "cannot be saved as a sharded checkpoint" in MUON_SHARDED_ERROR  # the true reason, not "whole matrices"
+    assert "--model.optimizer.name adamw" in MUON_SHARDED_ERROR and "configs/strategy/ddp.yaml" in MUON_SHARDED_ERROR
 
 
 def test_adamw_is_the_default_and_has_no_muon_group():

@@ -134,13 +134,21 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(data_dir, tmp_path, capsys, monkeypatch):
+    """The guard decides once per logging interval (5 steps here), names the first bad step, and the gradients
+    of the bad steps never reached the weights: last.ckpt holds finite ones. (An absurd learning rate provokes
+    the NaN; without weight decay, whose factor 1 - lr * decay would overflow the weights by itself.)"""
     monkeypatch.chdir(tmp_path)
     code, err = run_main(capsys, "fit", "--config", DEBUG, "--data.data_dir", str(data_dir), *FAST,
-                               "--model.optimizer.learning_rate", "1e30", "--trainer.max_steps", "20")
+                         "--model.optimizer.learning_rate", "1e30", "--model.optimizer.weight_decay", "0",
+                         "--trainer.max_steps", "20", "--trainer.log_every_n_steps", "5")
     assert code != 0
     last_line = err.strip().splitlines()[-1]
     assert last_line.startswith("error: non-finite training loss at step "), err[-2000:]
     assert "--nan_guard.action skip" in last_line
+    assert int(last_line.split(" at step ")[1].split()[0]) < 5  # before the interval's end, where it was read
+    weights = torch.load(tmp_path / "runs" / "gpt" / "version_0" / "checkpoints" / "last.ckpt",
+                         weights_only=True)["state_dict"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_nonfinite_loss_skip_drops_batches_then_gives_up(data_dir, tmp_path, capsys, monkeypatch):
@@ -149,7 +157,7 @@ def test_nonfinite_loss_skip_drops_batches_then_gives_up(data_dir, tmp_path, cap
                                "--model.optimizer.learning_rate", "1e30", "--trainer.max_steps", "20",
                                "--nan_guard.action", "skip", "--nan_guard.max_skips", "2")
     assert code != 0
-    assert err.count("skipped this batch") == 2, err[-2000:]
+    assert err.count("skipped 1 step(s)") == 2, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("error: non-finite training loss at step ")
 
 
@@ -163,6 +171,7 @@ def test_compiled_model_checkpoints_load_into_an_uncompiled_model(trained_run):
     config = GPTConfig(vocab_size=65, **DEBUG_CONFIG["model"]["config"])  # trained_run's architecture
     compiled, plain = GPTModule(config, compile=True), GPTModule(config)
     compiled.configure_model()
+    plain.configure_model()
     assert list(compiled.state_dict()) == list(plain.state_dict())
 
     checkpoint = torch.load(trained_run["ckpt"], weights_only=True)
@@ -173,3 +182,17 @@ def test_compiled_model_checkpoints_load_into_an_uncompiled_model(trained_run):
     restored = plain.model.eval()
     restored.load_state_dict(model_state_dict({"state_dict": wrapped}))
     torch.testing.assert_close(restored(idx), reference(idx))
+
+
+def test_gpu_random_states_are_restored_only_for_gpus_that_exist(monkeypatch):
+    """A run saved on 4 GPUs resumes on 1: the first GPU's state is restored, the 3 missing ones are not asked for."""
+    from project.training.checkpointing import rng_states, set_rng_states
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.full((8,), i, dtype=torch.uint8)
+                                                                   for i in range(4)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state[0].item())))
+    set_rng_states(rng_states())
+    assert restored == [(0, 0)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 from pathlib import Path
 
 import torch
@@ -31,6 +32,13 @@ from project.tokenizer import (TOKENIZER_FILE, BPETokenizer, CharTokenizer, Toke
                                spec_kind, tokenizer_from_state, train_bpe)
 
 log = logging.getLogger(__name__)
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C: it reaches the whole process group, and a worker that exits on it
+    breaks the loader, while training stops on its own at the next logging interval
+    (project/training/interrupt.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class TextDataModule(LightningDataModule):
@@ -231,10 +239,10 @@ class TextDataModule(LightningDataModule):
         if self.trainer is not None:  # resuming: continue the stream after the batches already trained on
             self.start_batch = self.batches_trained()
         windows = TrainWindows(self.find_store_dir() / "train.bin", record.dtype, self.block_size, self.batch_size,
-                               self.seed, rank=rank, start_batch=self.start_batch)
+                               self.seed, rank=rank, start_batch=self.start_batch, replicas=replicas)
         # an own generator: creating the loader's iterator then draws no number from the global RNG, so a
         # resumed run (new iterator after the RNG state is restored) keeps the same dropout stream
-        return DataLoader(windows, batch_size=None, num_workers=self.num_workers,
+        return DataLoader(windows, batch_size=None, num_workers=self.num_workers, worker_init_fn=ignore_interrupts,
                           persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
 
     def eval_dataloader(self, split: str) -> DataLoader:

@@ -21,22 +21,26 @@ def inputs_and_targets(windows: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
 class TrainWindows(IterableDataset):
     """Endless random (block_size + 1)-token windows of a token file, yielded as whole batches (x, y).
 
-    Batch number i of rank r is a pure function of (seed, r, i): streams differ between ranks, repeat
-    between runs, and can resume at any batch (`start_batch`). DataLoader workers take every n-th batch,
-    and the loader interleaves them back in order.
+    Global batch number i, `batch_size` windows for each of the `replicas` data-parallel ranks, is a pure function
+    of (seed, i), and rank r takes its r-th slice: streams repeat between runs, differ between ranks, and can
+    resume at any batch (`start_batch`), also on another number of ranks: 2 ranks of batch_size B/2 read exactly
+    the windows 1 rank of B reads. DataLoader workers take every n-th batch, and the loader interleaves them
+    back in order.
     """
 
     def __init__(self, tokens_path: Path, dtype: str, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, start_batch: int = 0) -> None:
+                 rank: int = 0, start_batch: int = 0, replicas: int = 1) -> None:
         self.tokens_path, self.dtype = tokens_path, dtype
         self.block_size, self.batch_size = block_size, batch_size
-        self.seed, self.rank, self.start_batch = seed, rank, start_batch
+        self.seed, self.rank, self.start_batch, self.replicas = seed, rank, start_batch, replicas
 
     def batch(self, tokens: np.ndarray, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch number `index`: windows at random offsets, not only at multiples of the window length."""
-        rng = np.random.default_rng([self.seed, self.rank, index])
-        starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
-        return inputs_and_targets([tokens[s : s + self.block_size + 1] for s in starts])
+        """This rank's part of global batch `index`: windows at random offsets, not only at multiples of the
+        window length."""
+        rng = np.random.default_rng([self.seed, 0, index])
+        starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size * self.replicas)
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return inputs_and_targets([tokens[s : s + self.block_size + 1] for s in mine])
 
     def __iter__(self):
         tokens = np.memmap(self.tokens_path, dtype=self.dtype, mode="r")

@@ -77,11 +77,15 @@ def load_weights_only(path: Path) -> object:
         raise ValueError(f"checkpoint {path} is truncated or not a checkpoint of this project ({reason})") from None
 
 
-def read_distributed_checkpoint(path: str | Path, *, optimizer: bool = False) -> dict:
+def read_distributed_checkpoint(path: str | Path, *, optimizer: bool = False, weights: bool = True) -> dict:
     """A DCP folder read back as one single-device Lightning checkpoint: the full weights under "state_dict"
     (and, with `optimizer`, each optimizer's state under "optimizer_states", as a single-device optimizer keys it),
     plus everything else Lightning stored in meta.pt (hyperparameters, tokenizer, step, loops, callbacks).
-    Read through project.formats.dcp, the one reader of DCP folders."""
+    Without `weights`, "state_dict" holds meta-device tensors of the stored names, shapes and dtypes, read from the
+    folder's index alone: what a check needs, without reading a shard. Read through project.formats.dcp, the one
+    reader of DCP folders."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     from project.formats.dcp import META_FILE, read_dcp_metadata, read_dcp_state
 
     path = Path(path)
@@ -89,6 +93,13 @@ def read_distributed_checkpoint(path: str | Path, *, optimizer: bool = False) ->
     checkpoint = load_weights_only(path / META_FILE)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"checkpoint {path}: {META_FILE} is not a checkpoint of this project")
+    if not weights:
+        where = {key: metadata.planner_data[key] for key in metadata.state_dict_metadata}  # ("state_dict", name)
+        checkpoint["state_dict"] = {
+            where[key][1]: torch.empty(item.size, dtype=item.properties.dtype, device="meta")
+            for key, item in metadata.state_dict_metadata.items()
+            if len(where[key]) == 2 and where[key][0] == "state_dict" and type(item) is TensorStorageMetadata}
+        return checkpoint
     state = read_dcp_state(path, metadata, prefix="" if optimizer else "state_dict.")
     checkpoint["state_dict"] = state.get("state_dict", {})
     if optimizer:
@@ -99,10 +110,12 @@ def read_distributed_checkpoint(path: str | Path, *, optimizer: bool = False) ->
     return checkpoint
 
 
-def read_checkpoint(path: str | Path, *, optimizer: bool = False) -> dict:
+def read_checkpoint(path: str | Path, *, optimizer: bool = False, weights: bool = True) -> dict:
     """The raw checkpoint dict of a .ckpt file or DCP folder, read safely (see the module docstring) and checked
     (`check_checkpoint`), with one-line errors for a missing, truncated, foreign or inconsistent one. A DCP
-    folder's optimizer state is read only with `optimizer` (a file holds it anyway)."""
+    folder's optimizer state is read only with `optimizer` (a file holds it anyway); without `weights` its
+    weights are checked from its index only (names, shapes, dtypes: `read_distributed_checkpoint`), so checking
+    a sharded checkpoint on each of many ranks reads no shard."""
     path = local_path(path)
     if path.is_dir():
         if not (path / ".metadata").is_file():  # DCP's index file
@@ -111,7 +124,7 @@ def read_checkpoint(path: str | Path, *, optimizer: bool = False) -> dict:
         if not (path / "meta.pt").is_file():
             raise ValueError(f"distributed checkpoint {path} has no meta.pt (hyperparameters, tokenizer): copy the "
                              "whole folder the run wrote")
-        checkpoint = read_distributed_checkpoint(path, optimizer=optimizer)
+        checkpoint = read_distributed_checkpoint(path, optimizer=optimizer, weights=weights)
     elif not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass --ckpt_path pointing to a .ckpt written by fit")
     else:
@@ -199,6 +212,8 @@ def check_weights(stored: dict, config: GPTConfig, path: Path) -> None:
     for key, tensor in stored.items():
         if not tensor.is_floating_point():
             raise ValueError(f"checkpoint {path}: weight {key} holds {tensor.dtype} values, not floating point")
+        if tensor.is_meta:
+            continue  # read from a DCP index only: values unread (each rank loads its own shards later)
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"checkpoint {path}: weight {key} holds NaN or infinite values (training diverged "
                              "before it was saved): use an earlier checkpoint")

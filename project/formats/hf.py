@@ -280,15 +280,12 @@ def weight_defining_values(config: GPTConfig) -> dict:
     return values
 
 
-def load_hf_weights(model: GPT, path: str | Path) -> None:
-    """Copy the weights of a local transformers GPT-2/Llama directory into `model`, whose architecture must match.
-
-    block_size may differ: with learned positions a shorter context keeps the first block_size position
-    embeddings; rotary positions have no weights.
-    """
-    hf = read_hf_config(path)
-    theirs = config_from_hf(hf)
-    ours = model.config
+def check_hf_config(path: str | Path, ours: GPTConfig) -> GPTConfig:
+    """The GPTConfig of a local transformers directory (its config.json only), or a ValueError naming what differs
+    from `ours` when its weights cannot load into a model of `ours`. block_size may be shorter than the
+    directory's with learned positions (the first block_size position embeddings are kept); rotary positions
+    have no weights."""
+    theirs = config_from_hf(read_hf_config(path))
     mine, other = weight_defining_values(ours), weight_defining_values(theirs)
     diffs = [f"{name}={mine.get(name)!r} (HF: {other.get(name)!r})" for name in mine | other
              if mine.get(name) != other.get(name)]
@@ -298,15 +295,29 @@ def load_hf_weights(model: GPT, path: str | Path) -> None:
         summary = ", ".join(f"{k}={v}" for k, v in theirs.to_dict().items() if k not in ("dropout",))
         raise ValueError(f"init_from {path} does not match the model config: {'; '.join(diffs)}. "
                          f"The HF model is: {summary}")
+    return theirs
+
+
+def hf_weights(path: str | Path, ours: GPTConfig) -> dict[str, torch.Tensor]:
+    """Every weight of a model of `ours` (by GPT parameter name, a tied head once) from a local transformers
+    directory whose architecture matches (`check_hf_config`)."""
+    theirs = check_hf_config(path, ours)
     state = from_hf_state_dict(read_hf_weights(path), theirs)
     if "wpe.weight" in state:
         state["wpe.weight"] = state["wpe.weight"][: ours.block_size]
     if ours.tie_embeddings:
         state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not ours.tie_embeddings]
+    with torch.device("meta"):  # names only
+        expected = {name for name, _ in GPT(ours).named_parameters()}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"weights in {path} do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return state
+
+
+def load_hf_weights(model: GPT, path: str | Path) -> None:
+    """Copy the weights of a local transformers GPT-2/Llama directory into `model`, whose architecture must match."""
+    model.load_state_dict(hf_weights(path, model.config), strict=False)  # strict=False: a tied lm_head.weight
 
 
 def gpt_from_hf(path: str | Path) -> GPT:

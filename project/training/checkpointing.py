@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from project.files import atomic_path, remove_stale_temporaries
 from project.formats.checkpoint import read_checkpoint
+from project.training.interrupt import interrupted_step
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class LatestCheckpoint(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_step > 0:
             self.save(trainer)
+        if interrupted_step(trainer) is not None and trainer.is_global_zero and self.path is not None:
+            log.info("interrupted at step %d: saved %s; resume with --ckpt_path last", trainer.global_step, self.path)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not self.save_on_exception or trainer.state.fn != TrainerFn.FITTING or trainer.global_step == 0:
@@ -149,11 +152,13 @@ def rng_states() -> dict:
 
 
 def set_rng_states(states: dict) -> None:
-    """Restore what `rng_states` returned (CUDA states only where CUDA is available)."""
+    """Restore what `rng_states` returned; CUDA states only for the GPUs this process has (a run saved on 8 GPUs
+    resumes on 1: torch.cuda.set_rng_state_all would fail on the 7 missing ones)."""
     torch.set_rng_state(states["torch"])
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     n = states["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
     if "torch.cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["torch.cuda"])
+        for index, state in enumerate(states["torch.cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, index)

@@ -9,18 +9,51 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
 from project.generate import GenerationSettings, complete_batch
 from project.model import GPT, GPTConfig
 from project.tokenizer import Tokenizer, tokenizer_from_state
 from project.training.optim import OptimizerSettings, build_optimizer
 
-TRAIN_LOSS, VAL_LOSS, VAL_PPL, VAL_BPB = "train/loss", "val/loss", "val/ppl", "val/bpb"
+VAL_LOSS, VAL_PPL, VAL_BPB = "val/loss", "val/ppl", "val/bpb"  # train/loss: project.training.step_stats
+
+
+class PerplexityFromLoss(MeanMetric):
+    """Perplexity as exp(token-weighted mean cross-entropy): `update(mean_loss, weight=tokens)` per batch.
+
+    The same value as torchmetrics' `Perplexity`, which takes a float32 softmax over all (B, T, V) logits (a
+    second full copy of them); this one needs only the loss the step computes anyway. Synced over ranks like
+    any torchmetrics metric.
+    """
+
+    def compute(self) -> torch.Tensor:
+        return super().compute().exp()
+
+
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits (B, T, V) against targets (B, T), `rows` positions at a time.
+
+    Evaluation has no backward pass to keep the full logits for, so only one chunk at a time is converted to
+    float32 and normalised: the peak memory of a validation step is the logits plus one (rows, V) chunk, not
+    two more float32 copies of all (B, T, V). The result equals `F.cross_entropy` on the whole batch.
+    """
+    flat, target = logits.flatten(0, 1), targets.flatten()
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.size(0), rows):
+        total += F.cross_entropy(flat[start : start + rows].float(), target[start : start + rows], reduction="sum")
+    return total / target.numel()
 
 
 class GPTModule(LightningModule):
     """Next-token language modelling on top of `project.model.GPT`.
+
+    The GPT is built on the meta device (no memory) and created in `configure_model`, which the Trainer calls:
+    under ModelParallelStrategy each rank then allocates and initialises only its own slices of the weights
+    (project/training/parallel.py), with the same values as one device for the same seed. Used without a
+    Trainer, call `module.configure_model()` once first (`load_from_checkpoint` does).
+
+    The training loss is returned, not logged per step: `project.training.step_stats.StepStats` (which the CLI
+    adds) logs its mean over each logging interval with one device-to-host sync.
 
     Args:
         config: the model architecture (vocab_size is linked from the data module by the CLI).
@@ -50,34 +83,62 @@ class GPTModule(LightningModule):
         # out: LightningCLI applies checkpoint hyperparameters over the command line when --ckpt_path is set
         self.save_hyperparameters({"config": asdict(config), "optimizer": optimizer.to_dict(), "compile": compile})
         self.config, self.optimizer_settings, self.generation = config, optimizer, generation
-        self.model = GPT(config)
+        with torch.device("meta"):  # shapes only; the seed of its initial weights is drawn now (GPT.init_seed)
+            self.model = GPT(config)
         self.model.activation_checkpointing = activation_checkpointing
+        self.init_from = init_from
         if init_from is not None:
-            from project.formats.hf import load_hf_weights
+            from project.formats.hf import check_hf_config
 
-            load_hf_weights(self.model, init_from)  # ValueError naming the HF config when it does not match
+            check_hf_config(init_from, config)  # ValueError naming the HF config when it does not match
         self.tokenizer: Tokenizer | None = None  # from the data module, or restored from a checkpoint
         self.bytes_per_token: dict[str, float] = {}  # per evaluation split, for bits per byte
         self.eval_loss = MeanMetric()
-        self.eval_ppl = Perplexity()
+        self.eval_ppl = PerplexityFromLoss()
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        if self.device_mesh is not None:  # ModelParallelStrategy: tensor parallel + FSDP2, project/training/parallel.py
-            from project.training.parallel import parallelize
+        """Create the weights: shard the meta-device GPT over the strategy's device mesh (ModelParallelStrategy),
+        then allocate this rank's part on its device and initialise it from the seed (or `init_from`). Runs once:
+        later calls (fit, then test in one process) find the weights in place."""
+        from project.training.parallel import materialize, parallelize
 
-            parallelize(self.model, self.device_mesh, compile=self.hparams.compile)
+        if not any(p.is_meta for p in self.model.parameters()):
             return
-        if self.hparams.compile:
+        device, trainer = torch.device("cpu"), self.attached_trainer()
+        if trainer is not None:
+            device = trainer.strategy.root_device
+            if trainer.world_size > 1:  # every rank draws the same weights, seeded or not
+                self.model.init_seed = trainer.strategy.broadcast(self.model.init_seed)
+        if self.device_mesh is not None:
+            parallelize(self.model, self.device_mesh, compile=self.hparams.compile)
+        elif self.hparams.compile:
             self.model.compile()  # in place: parameter names (and checkpoint keys) stay unprefixed
+        weights = None
+        if self.init_from is not None:
+            from project.formats.hf import hf_weights
+
+            weights = hf_weights(self.init_from, self.config).items()
+        materialize(self.model, device, weights)
+
+    def cpu(self) -> GPTModule:
+        """Lightning moves the module to the CPU when a run ends, also one that failed before `configure_model`
+        created the weights: a meta-device GPT has nothing to move then (and would fail, hiding the error)."""
+        if any(p.is_meta for p in self.model.parameters()):
+            return self
+        return super().cpu()
+
+    def attached_trainer(self):
+        """The Trainer this module is attached to, or None."""
+        try:
+            return self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            return None
 
     def attached_datamodule(self):
         """The Trainer's data module, or None (no Trainer attached, or no data module)."""
-        try:
-            return getattr(self.trainer, "datamodule", None)
-        except RuntimeError:  # not attached to a Trainer
-            return None
+        return getattr(self.attached_trainer(), "datamodule", None)
 
     def setup(self, stage: str) -> None:
         datamodule = self.attached_datamodule()
@@ -109,6 +170,8 @@ class GPTModule(LightningModule):
     # --- steps ---------------------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.model.wte.weight.is_meta:
+            raise RuntimeError("the GPT has no weights yet: call module.configure_model() first (the Trainer does)")
         return self.model(idx)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -117,15 +180,13 @@ class GPTModule(LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = self.loss(self(x), y)
-        self.log(TRAIN_LOSS, loss, prog_bar=True)
-        return loss
+        return self.loss(self(x), y)  # logged per interval by StepStats, without a host sync per step
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
-        self.eval_loss.update(self.loss(logits, y), weight=y.numel())
-        self.eval_ppl.update(logits.float(), y)
+        loss = chunked_cross_entropy(self(x), y)
+        self.eval_loss.update(loss, weight=y.numel())
+        self.eval_ppl.update(loss, weight=y.numel())
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
@@ -158,28 +219,26 @@ class GPTModule(LightningModule):
     # --- optimisation --------------------------------------------------------------------------------
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if self.device_mesh is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            from project.training.parallel import clip_grad_norm_  # sharded and replicated gradients mixed
-
-            clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+        """Clip by the global gradient norm with torch's `clip_grad_norm_` (`get_total_norm`, then
+        `clip_grads_with_norm_`): one reduction when the gradients are DTensors (sharded or replicated over a
+        mesh), and no host sync. Lightning's own clipping refuses fused optimizers under mixed precision; the
+        gradients are already unscaled here when a loss scaler is used (fp16 "16-mixed")."""
+        if not gradient_clip_val:
             return
-        if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            # no loss scaling (bf16-mixed, 32-true): the gradients are the true ones, so clip them here. Lightning's
-            # MixedPrecision refuses to clip for a fused optimizer even under bf16-mixed, where it has no scaler
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def configure_optimizers(self):
-        # a loss scaler (fp16 "16-mixed") unscales before clipping; a fused AdamW would unscale inside its own
-        # step, and Lightning refuses to clip gradients for such an optimizer
+        from project.training.parallel import is_sharded
+
+        # a loss scaler (fp16 "16-mixed") unscales before clipping; a fused AdamW would unscale inside its own step
         loss_scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         optimizer, scheduler = build_optimizer(
             self.model, self.optimizer_settings, total_steps=self.trainer.estimated_stepping_batches,
-            fused=self.device.type in ("cuda", "cpu") and not loss_scaled, sharded=self.device_mesh is not None,
+            fused=self.device.type in ("cuda", "cpu") and not loss_scaled,
+            sharded=self.device_mesh is not None or is_sharded(self.model),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

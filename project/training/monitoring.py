@@ -1,4 +1,6 @@
-"""Watching a run: a text sample after each validation, tokens/s and MFU, and a progress bar counted in steps."""
+"""Watching a run: a text sample after each validation, tokens/s and MFU, and a progress bar counted in steps.
+
+Tokens/s and the bar's loss are read once per logging interval, through project/training/step_stats.py."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from project.generate import complete_batch
+from project.training.step_stats import TRAIN_LOSS, IntervalCallback, step_stats
 
 TOKENS_PER_SEC, MFU = "train/tokens_per_sec", "train/mfu"
 
@@ -98,11 +101,12 @@ def compute_dtype(trainer: Trainer) -> torch.dtype:
     return torch.float16 if precision.startswith("16") else torch.float32
 
 
-class TokenThroughput(Callback):
+class TokenThroughput(IntervalCallback):
     """Training tokens/s (all ranks) and MFU, logged as train/tokens_per_sec and train/mfu every
     `log_every_n_steps` optimizer steps, measured with Lightning's `Throughput` over the last `window` intervals.
 
-    The clock is read once per logging interval (on a GPU after one synchronize), never per step.
+    Tokens are counted on the host (batch shapes); the clock is read at `StepStats`'s one sync per interval,
+    after the device has finished the interval's work, so no extra synchronisation is needed.
 
     Args:
         peak_flops: the device's peak FLOP/s for MFU. None: Lightning's table for known GPUs, and on a CPU a
@@ -115,8 +119,8 @@ class TokenThroughput(Callback):
             raise ValueError(f"--throughput.window must be >= 1, got {window}")
         self.peak_flops, self.window = peak_flops, window
         self.meter: Throughput | None = None
-        self.start = 0.0
-        self.batches = self.tokens = self.flops = 0
+        self.elapsed = 0.0
+        self.batches = self.samples = self.tokens = self.flops = 0
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         peak = self.peak_flops
@@ -124,34 +128,38 @@ class TokenThroughput(Callback):
             device, dtype = trainer.strategy.root_device, compute_dtype(trainer)
             peak = get_available_flops(device, dtype) if device.type != "cpu" else measure_matmul_flops(dtype)
         self.meter = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window + 1)
-        self.start, self.batches, self.tokens, self.flops = time.perf_counter(), 0, 0, 0
+        self.elapsed, self.batches, self.samples, self.tokens, self.flops = 0.0, 0, 0, 0, 0
         self.meter.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         x = batch[0]
         self.batches += 1
+        self.samples += x.size(0)
         self.tokens += x.numel()
         self.flops += getattr(pl_module, "flops_per_batch", None) or 0
-        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        if self.meter is None or not stepped or trainer.global_step % trainer.log_every_n_steps != 0:
-            return
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()  # the kernels of the interval have run: the clock measures them
-        self.meter.update(time=time.perf_counter() - self.start, batches=self.batches, samples=self.batches * x.size(0),
-                          lengths=self.tokens, flops=self.flops)  # flops: of this interval only
+
+    def on_interval(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float],
+                    seconds: float) -> dict[str, float]:
+        if self.meter is None:
+            return {}
+        self.elapsed += seconds
+        self.meter.update(time=self.elapsed, batches=self.batches, samples=self.samples, lengths=self.tokens,
+                          flops=self.flops)  # flops: of this interval only
         self.flops = 0
         metrics = self.meter.compute()
         per_device = metrics.get("device/items_per_sec")
         if per_device is None:
-            return
-        pl_module.log(TOKENS_PER_SEC, per_device * trainer.world_size, prog_bar=True, rank_zero_only=True)
+            return {}
+        logged = {TOKENS_PER_SEC: per_device * trainer.world_size}
         if "device/mfu" in metrics:
-            pl_module.log(MFU, metrics["device/mfu"], rank_zero_only=True)
+            logged[MFU] = metrics["device/mfu"]
+        return logged
 
 
 class StepProgressBar(TQDMProgressBar):
     """The training bar of a step-bound run (max_steps set, max_epochs not): optimizer steps out of max_steps,
-    the training loss and tokens/s, instead of Lightning's per-epoch batches and logger version (v_num).
+    the training loss and tokens/s of the latest logging interval (from `StepStats`), instead of Lightning's
+    per-epoch batches and logger version (v_num).
 
     Args:
         refresh_rate: update the bar every this many batches.
@@ -181,6 +189,10 @@ class StepProgressBar(TQDMProgressBar):
         if not self.step_bound(trainer):
             return metrics
         metrics.pop("v_num", None)  # the logger's version: its folder name, not progress
-        if TOKENS_PER_SEC in metrics:
-            metrics["tok/s"] = f"{float(metrics.pop(TOKENS_PER_SEC)):,.0f}"
+        stats = step_stats(trainer)  # the latest interval's values, read without a sync of their own
+        latest = stats.metrics if stats is not None else {}
+        if TRAIN_LOSS in latest:
+            metrics["loss"] = f"{latest[TRAIN_LOSS]:.3f}"
+        if TOKENS_PER_SEC in latest:
+            metrics["tok/s"] = f"{latest[TOKENS_PER_SEC]:,.0f}"
         return metrics

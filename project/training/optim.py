@@ -71,6 +71,13 @@ class OptimizerSettings:
         return {**asdict(self), "betas": list(self.betas)}
 
 
+# Muon itself is correct on DTensor weights (their matmuls have whole-matrix semantics, at ~19 collectives per
+# matrix and step); what fails is saving: torch's sharded optimizer state dict cannot read CombinedOptimizer's
+MUON_SHARDED_ERROR = ("--model.optimizer.name muon is not supported under ModelParallelStrategy (its combined "
+                      "Muon + AdamW state cannot be saved as a sharded checkpoint): use --model.optimizer.name adamw, "
+                      "or configs/strategy/ddp.yaml")
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """LR multiplier: linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
     if step < warmup_steps:
@@ -143,21 +150,17 @@ def build_optimizer(model: GPT, settings: OptimizerSettings, total_steps: int, *
     `total_steps`.
 
     `fused` asks for the fused AdamW kernel: pass False under a loss scaler (fp16 "16-mixed"), since a fused step
-    unscales gradients itself and so cannot be clipped in between. `sharded` (some parameters are DTensors) turns
-    off fused and foreach kernels, which refuse a mix of DTensor and plain parameters, and refuses Muon, which
-    orthogonalises whole matrices that sharding splits.
+    unscales gradients itself and so cannot be clipped in between. `sharded` (ModelParallelStrategy: the weights
+    are DTensors, saved as sharded checkpoints) refuses Muon with `MUON_SHARDED_ERROR`.
     """
+    if sharded and settings.name == "muon":
+        raise ValueError(MUON_SHARDED_ERROR)
     params = param_groups(model, muon=settings.name == "muon")
     groups = [{"params": params["decay"], "weight_decay": settings.weight_decay, "name": "decay"},
               {"params": params["no_decay"], "weight_decay": 0.0, "name": "no_decay"}]
-    built: torch.optim.Optimizer = torch.optim.AdamW(
-        groups, lr=settings.learning_rate, betas=settings.betas, fused=fused and not sharded,
-        foreach=False if sharded else None,
-    )
+    built: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, betas=settings.betas,
+                                                     fused=fused)
     if "muon" in params:
-        if sharded:
-            raise ValueError("--model.optimizer.name muon needs whole weight matrices, which sharded strategies "
-                             "split: pass --model.optimizer.name adamw")
         muon = torch.optim.Muon([{"params": params["muon"], "name": "muon"}], lr=settings.muon_lr,
                                 weight_decay=settings.muon_weight_decay, momentum=settings.muon_momentum)
         built = CombinedOptimizer([muon, built])

@@ -11,21 +11,138 @@ the one public method that reads a checkpoint, `load_checkpoint`, so `fit/valida
 reads through project.formats.dcp: checked metadata, no fallback, weights-only items. It also works on any number
 of devices (DCP reshards on load) and for models without sharded parameters. The CLI refuses a DCP folder under
 any strategy that would read it otherwise (project/cli.py, `check_checkpoint_reader`).
+
+Saving is this subclass's too (`save_checkpoint`): ModelParallelStrategy writes every save into the folder named
+last.ckpt, so a crash in the middle of one left old and new shards mixed in the very folder `--ckpt_path last`
+resumes. Here each save goes to its own step folder, written under a hidden temporary name and renamed once
+every rank's shards and meta.pt are in it; the names ModelCheckpoint and LatestCheckpoint save to (last.ckpt,
+best-stepN.ckpt) become links to step folders, replaced atomically:
+
+    checkpoints/
+      .step-000000120.4711.tmp/   being written (a killed save leaves only this; removed at the next start)
+      step-000000100/             complete: __R_0.distcp shards, .metadata, meta.pt
+      step-000000120/
+      last.ckpt -> step-000000120
+      best-step100.ckpt -> step-000000100
+
+A folder named step-N is complete by construction (the rename is the commit); `latest_step_folder` finds the
+newest one, which is what `--ckpt_path last` resumes. Older ones are deleted beyond `keep_checkpoints`, except
+those a link names and the one this run resumed from.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from project.files import atomic_path, remove_path, temporary_path
 from project.formats.checkpoint import load_weights_only
-from project.formats.dcp import META_FILE, load_dcp, read_dcp_metadata
+from project.formats.dcp import META_FILE, METADATA_FILE, load_dcp, read_dcp_metadata
+
+STEP_FOLDER = re.compile(r"step-(\d{9})")
+
+
+def step_folder_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def is_step_folder(path: Path) -> bool:
+    """A complete step folder: named step-N (renamed so only once complete), with its index and meta.pt."""
+    return (STEP_FOLDER.fullmatch(path.name) is not None and path.is_dir() and not path.is_symlink()
+            and (path / METADATA_FILE).is_file() and (path / META_FILE).is_file())
+
+
+def step_folders(folder: Path) -> list[Path]:
+    """The complete step folders in `folder`, oldest first."""
+    return sorted((p for p in folder.iterdir() if is_step_folder(p)), key=lambda p: p.name) if folder.is_dir() else []
+
+
+def latest_step_folder(folder: Path) -> Path | None:
+    """The newest complete step folder in `folder` (a checkpoints folder), or None."""
+    folders = step_folders(folder)
+    return folders[-1] if folders else None
 
 
 class ShardedStrategy(ModelParallelStrategy):
-    """ModelParallelStrategy (a device mesh of data_parallel_size x tensor_parallel_size) whose checkpoint loading
-    goes through project.formats.dcp; every argument is ModelParallelStrategy's."""
+    """ModelParallelStrategy (a device mesh of data_parallel_size x tensor_parallel_size) whose checkpoints are saved
+    to step folders, committed once complete, and read through project.formats.dcp (see the module docstring).
+
+    Args:
+        keep_checkpoints: complete step folders kept in a checkpoints folder (at least 1); older ones are deleted,
+            unless last.ckpt or a best-stepN.ckpt links to them or the run resumed from them.
+        save_distributed_checkpoint: False writes one consolidated file per save instead (rank 0 gathers every
+            weight: only for models that fit one device), as ModelParallelStrategy does.
+        *args, **kwargs: ModelParallelStrategy's (data_parallel_size, tensor_parallel_size, timeout, ...).
+    """
+
+    def __init__(self, *args, keep_checkpoints: int = 2, save_distributed_checkpoint: bool = True, **kwargs) -> None:
+        if keep_checkpoints < 1:
+            raise ValueError(f"--trainer.strategy.keep_checkpoints must be >= 1, got {keep_checkpoints}")
+        super().__init__(*args, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.keep_checkpoints, self.sharded_checkpoints = keep_checkpoints, save_distributed_checkpoint
+        self.committed: set[Path] = set()  # step folders this process wrote (a later save at that step reuses them)
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Write `checkpoint` (this rank's shards of it) to the step folder of its global step and point `filepath`
+        (last.ckpt, best-stepN.ckpt) at it. Every rank calls this; rank 0 commits, links and prunes."""
+        import torch.distributed.checkpoint as dcp
+
+        if not self.sharded_checkpoints:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        link = Path(self.broadcast(str(filepath)))  # every rank writes where rank 0 says
+        folder = link.parent / step_folder_name(checkpoint["global_step"])
+        state = {"state_dict": checkpoint.pop("state_dict"),
+                 **{f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))}}
+        if not self.broadcast(folder.resolve() in self.committed):  # else saved at this step (last and best)
+            staging = Path(self.broadcast(str(temporary_path(folder))))  # rank 0's hidden .step-N.PID.tmp
+            if self.is_global_zero:
+                remove_path(staging)  # left by an earlier process that had this pid
+                staging.mkdir(parents=True)
+            self.barrier()
+            dcp.save(state, checkpoint_id=staging)  # each rank its shards; .metadata once all are written
+            self.commit(checkpoint, staging, folder)
+        elif self.is_global_zero:
+            save_meta(checkpoint, folder)  # the same weights; the newest loop and callback state of this step
+        if self.is_global_zero:
+            point_link(link, folder)
+            self.prune(link.parent)
+        self.barrier()
+
+    def commit(self, checkpoint: dict, staging: Path, folder: Path) -> None:
+        """Make the written shards a checkpoint: rank 0 adds meta.pt (hyperparameters, tokenizer, loops,
+        callbacks) and renames the staging folder to its step folder, once every rank has written."""
+        self.barrier()
+        if self.is_global_zero:
+            save_meta(checkpoint, staging)
+            remove_path(folder)  # another run's folder of this step (one resumed from an earlier step)
+            os.replace(staging, folder)  # the commit: a folder named step-N is complete
+        self.committed.add(folder.resolve())
+
+    def remove_checkpoint(self, filepath) -> None:
+        """ModelCheckpoint drops an old best checkpoint: its link goes (the default would delete through it), then
+        its step folder with the other unneeded ones."""
+        if self.is_global_zero:
+            path = Path(filepath)
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                remove_path(path)
+            self.prune(path.parent)
+
+    def prune(self, folder: Path) -> list[Path]:
+        """Delete the complete step folders of `folder` beyond the newest `keep_checkpoints`, except those a link in
+        it names and the one this run resumed from; return them."""
+        linked = {(folder / os.readlink(p)).resolve() for p in folder.iterdir() if p.is_symlink()}
+        resumed = self.lightning_module.trainer.ckpt_path if self.lightning_module is not None else None
+        keep = linked | ({Path(resumed).resolve()} if resumed else set())
+        old = [p for p in step_folders(folder)[: -self.keep_checkpoints] if p.resolve() not in keep]
+        for path in old:
+            remove_path(path)
+        return old
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         """Restore the model and optimizers from a DCP folder (any world size), or a single .ckpt file (weights
@@ -50,3 +167,20 @@ class ShardedStrategy(ModelParallelStrategy):
                                      options=StateDictOptions(cpu_offload=True))
         # load_model_state_dict / load_optimizer_state_dict are no-ops in this strategy: the rest is Lightning's
         return load_weights_only(path / META_FILE)
+
+
+def save_meta(checkpoint: dict, folder: Path) -> None:
+    """Lightning's meta.pt (everything but the weights and optimizer states) into `folder`, atomically."""
+    with atomic_path(folder / META_FILE) as staging:
+        torch.save(checkpoint, staging)
+
+
+def point_link(link: Path, folder: Path) -> None:
+    """Make `link` (last.ckpt, best-stepN.ckpt) a relative symbolic link to `folder`, replacing what was there in one
+    rename (a folder of that name, from a run saved before step folders, is deleted first)."""
+    if link.is_dir() and not link.is_symlink():
+        remove_path(link)
+    staging = temporary_path(link)
+    remove_path(staging)
+    os.symlink(folder.name, staging)
+    os.replace(staging, link)
