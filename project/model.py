@@ -233,7 +233,8 @@ class CausalSelfAttention(nn.Module):
                 # per kv head: (B, Hkv, H/Hkv, D)
                 qg = q.view(B, k.size(1), -1, self.head_dim)
                 att = (qg @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(self.head_dim))  # (B, Hkv, H/Hkv, T_cache)
-                future = torch.arange(k.size(2), device=x.device) > input_pos.view(-1, 1, 1, 1)  # (B or 1, 1, 1, T_cache)
+                # (B or 1, 1, 1, T_cache): each row's own position
+                future = torch.arange(k.size(2), device=x.device) > input_pos.view(-1, 1, 1, 1)
                 att = att.masked_fill_(future, float("-inf")).softmax(dim=-1)
                 y = (att @ v).view(B, -1, 1, self.head_dim)
             elif T == k.size(2):  # prefill from position 0 (input_pos ascending): plain causal

@@ -146,7 +146,8 @@ def test_exported_transformers_directory_serves_the_same_text(loaded, handlers, 
     args = {**GEN_ARGS, "seed": 11}
     exported_scheduler = Scheduler(exported.model, slots=1).start()
     try:
-        assert updates(App(exported, exported_scheduler), "ROMEO:", **args)[-1] == updates(handlers, "ROMEO:", **args)[-1]
+        served = updates(App(exported, exported_scheduler), "ROMEO:", **args)[-1]
+        assert served == updates(handlers, "ROMEO:", **args)[-1]
     finally:
         exported_scheduler.close()
 

@@ -63,6 +63,7 @@ def test_steps_per_budget_then_quality_for_those_steps(tmp_path, shakespeare_pat
     assert "| 4 |" in row and row.count("-") < 4, row  # 4 steps, and its validations logged val/bpb
 
 
+@pytest.mark.slow
 def test_serving_benchmark_reports_every_level_and_identical_answers(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve.py"), "--quick", "--no-compile",
                              "--clients", "1", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
