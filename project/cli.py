@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import importlib
 import logging
-import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 
+from project.commands import PROG, OneLineErrors
 from project.data.datamodule import TextDataModule
 from project.formats.checkpoint import read_checkpoint
+from project.formats.runs import CHECKPOINTS, WHICH, checkpoint_in, find_checkpoint
 from project.model import GPTConfig
 from project.tokenizer import BPETokenizer, bpe_vocab_size, is_tokenizer_folder, spec_kind, tokenizer_from_state
 from project.training.checkpointing import AtomicCheckpointIO, LatestCheckpoint
@@ -33,24 +35,17 @@ from project.training.nan_guard import NonFiniteLossGuard
 from project.training.optim import MUON_SHARDED_ERROR, OptimizerSettings
 from project.training.predictions import PredictionWriter
 from project.training.run_folder import claim_next_version, remove_unsaved_run
-from project.training.strategy import ShardedStrategy, latest_step_folder
+from project.training.strategy import ShardedStrategy
 
 log = logging.getLogger(__name__)
 
-PROG = "python -m project"  # the name usage lines show (the `gpt` script runs the same commands)
 # the settings a checkpoint gives defaults for (`checkpoint_settings`), settled against it before anything is built
 SETTLED_KEYS = ("model", "data.tokenizer", "data.vocabulary", "data.block_size")
 
 
-class OneLineErrorParser(LightningArgumentParser):
+class OneLineErrorParser(OneLineErrors, LightningArgumentParser):
     """Argument errors end stderr with one line (`error: Parser key "model.config.n_layer": Expected ...`),
-    after one usage line (the options are in --help), for LightningCLI's commands and the project's own alike."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        return super().error(" ".join(str(message).split()), ex)
-
-    def print_usage(self, file=None) -> None:
-        (file or sys.stderr).write(f"usage: {self.prog} [options]\n")
+    after one usage line (the options are in --help), for LightningCLI's commands as for the project's own."""
 
 
 class GPTCLI(LightningCLI):
@@ -65,8 +60,6 @@ class GPTCLI(LightningCLI):
             "checkpoint.filename": "best-step{step}", "checkpoint.auto_insert_metric_name": False,
         })
         parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(TextSampleCallback, "samples")
         parser.add_lightning_class_args(TokenThroughput, "throughput")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -92,8 +85,8 @@ class GPTCLI(LightningCLI):
         if config.get("weights_only") is False:
             raise ValueError("--weights_only false would let the checkpoint run code when unpickled: this project "
                              "loads weights only; drop the flag")
-        if config.ckpt_path == "last":
-            resolve_last_checkpoint(config)
+        if config.ckpt_path in WHICH:
+            resolve_named_checkpoint(config, subcommand)
         # a missing, truncated, foreign or crafted checkpoint: one-line error here, before anything is built
         checkpoint = read_checkpoint(config.ckpt_path, weights=False)  # a DCP folder: its index, not its shards
         # the checkpoint's settings become the defaults, so config files and flags are what differs from it
@@ -116,7 +109,18 @@ class GPTCLI(LightningCLI):
                      {"claimed": str(self.claimed)} if self.claimed else None)
         add_callback(config.trainer, "project.training.checkpointing.RandomState")  # dropout resumes exactly
         add_callback(config.trainer, "project.training.step_stats.StepStats")  # one host sync per logging interval
+        add_callback(config.trainer, "project.training.monitoring.LearningRates")  # train/lr, train/lr_muon
         add_callback(config.trainer, "project.training.interrupt.GracefulInterrupt")  # Ctrl-C: all ranks stop alike
+        if self.subcommand == "fit":
+            add_callback(config.trainer, "project.training.report.RunReport")  # what `fit` says at its start and end
+        else:
+            # validate/test/predict print their results (and predict writes JSON lines beside the checkpoint's run):
+            # a TensorBoard folder of their own would be a newer, checkpoint-less version_N beside the training run
+            config.trainer.logger = False
+            self.save_config_callback = None
+            # these commands never write a checkpoint, so where the training run's ModelCheckpoint wrote (stored in
+            # the checkpoint, relative to where it ran) does not matter; Lightning warns that it differs from ours
+            warnings.filterwarnings("ignore", message="The dirpath has changed from", category=UserWarning)
         for key, value in getattr(self, "settled", {}).items():
             config[key] = value
 
@@ -331,59 +335,67 @@ def check_checkpoint_reader(strategy, ckpt_path: str) -> None:
                      "keep project.training.checkpointing.AtomicCheckpointIO in --trainer.plugins")
 
 
-def last_checkpoint_in(link: Path) -> Path | None:
-    """What `last` is in one checkpoints folder, given its last.ckpt: a sharded run's newest complete step folder
-    (the last.ckpt link names it too, unless the run died between the two), else last.ckpt itself, or None."""
-    folder = latest_step_folder(link.parent)
-    if folder is not None:
-        return folder
-    return link if link.is_file() or (link / ".metadata").is_file() else None  # a file or a DCP folder
+def resolve_named_checkpoint(config, subcommand: str) -> None:
+    """`--ckpt_path last|best`: that checkpoint of the newest run of this config's logger (project.formats.runs:
+    for a sharded run, `last` is its newest complete step folder), or, with --checkpoint.dirpath, in that folder.
 
-
-def resolve_last_checkpoint(config) -> None:
-    """`--ckpt_path last`: the newest last.ckpt, or sharded run's newest complete step folder (`last_checkpoint_in`),
-    of this logger name (runs/<name>/version_*/checkpoints).
-
-    Lightning's own "last" looks in the new run's (empty) version folder; this one finds the interrupted run,
-    and sets the logger's version to it so the resumed run's curves continue in the same folder.
+    Lightning's own "last" looks in the new run's (empty) version folder; this one finds the newest run, and for
+    `fit` sets the logger's version to it, so the resumed run's curves and checkpoints continue in the same folder.
     """
+    which = config.ckpt_path
     dirpath = config.get("checkpoint.dirpath")
     init = logger_init_args(config)
     if dirpath:
-        candidates = [Path(dirpath) / "last.ckpt"]
+        path = checkpoint_in(Path(dirpath), which)
     elif init is not None and init.get("save_dir") is not None and init.get("name") is not None:
-        candidates = [d / "last.ckpt" for d in Path(init.save_dir, init.name).glob("version_*/checkpoints")]
-    else:
-        root = config.trainer.get("default_root_dir") or "."
-        candidates = [Path(root) / "checkpoints" / "last.ckpt"]
-    candidates = [last for last in map(last_checkpoint_in, candidates) if last is not None]
-    if not candidates:
-        where = dirpath or (Path(init.save_dir, init.name, "version_*", "checkpoints") if init else "checkpoints")
-        raise FileNotFoundError(
-            f"--ckpt_path last: no last.ckpt under {where}: train first (without --ckpt_path), "
-            "or pass --ckpt_path path/to/file.ckpt"
-        )
-    newest = max(candidates, key=lambda p: (p.stat().st_mtime, p.parent.parent.name))
-    config.ckpt_path = str(newest)
-    version = newest.parent.parent.name.removeprefix("version_")
-    if not dirpath and init is not None and "version" in init and version.isdigit():
+        path = find_checkpoint(which, init.save_dir, init.name)
+    else:  # no logger: ModelCheckpoint writes to <default_root_dir>/checkpoints
+        path = checkpoint_in(Path(config.trainer.get("default_root_dir") or ".") / CHECKPOINTS, which)
+    config.ckpt_path = str(path)
+    version = path.parent.parent.name.removeprefix("version_") if path.parent.name == CHECKPOINTS else ""
+    if subcommand == "fit" and not dirpath and init is not None and "version" in init and version.isdigit():
         init.version = int(version)  # log into the resumed run's folder (its checkpoints dir included)
-    log.info("resuming from %s", newest)
+    log.info("%s %s", "resuming from" if subcommand == "fit" else "checkpoint:", path)
 
 
-def run_lightning(args: list[str] | None) -> Trainer:
-    """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv); returns the Trainer."""
+def quiet_library_noise() -> None:
+    """Silence, narrowly, what Lightning and torch print on every run that a user can do nothing about."""
+    # Lightning 2.6's own pytree helper builds torch's LeafSpec, which torch 2.13 deprecates (fixed in Lightning,
+    # not by anything a user of this project changes)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    # Lightning advertises its cloud logger at the start of every run
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, DropAdvert) for f in rank_zero_log.filters):
+        rank_zero_log.addFilter(DropAdvert())
+
+
+class DropAdvert(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... litlogger" line (a product advert, not information about the run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def run_lightning(args: list[str] | None, descriptions: dict[str, str] | None = None) -> Trainer:
+    """fit/validate/test/predict with `args` (None: LightningCLI reads sys.argv); returns the Trainer.
+
+    `descriptions`: the text each subcommand's --help opens with.
+    """
+    quiet_library_noise()
     return GPTCLI(
         GPTModule,
         TextDataModule,
         args=args,
         trainer_defaults={
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+            "logger": {"class_path": "project.training.monitoring.RunLogger",
                        "init_args": {"save_dir": "runs", "name": "gpt"}},
             "gradient_clip_val": 1.0,
             "plugins": [{"class_path": "project.training.checkpointing.AtomicCheckpointIO"}],  # files written atomically
+            "enable_model_summary": False,  # RunReport's start line says the size; Lightning's table mis-sizes bf16
         },
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,
-        parser_kwargs={"default_env": False, "prog": PROG},
+        parser_kwargs={"default_env": False, "prog": PROG,
+                       **{name: {"description": text} for name, text in (descriptions or {}).items()}},
     ).trainer

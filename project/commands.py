@@ -20,41 +20,53 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-import torch
-from jsonargparse import auto_cli
-from lightning.fabric.utilities.exceptions import MisconfigurationException
+from project.threads import configure_threads  # first: its clock starts with the command
 
-from project.cli import PROG, OneLineErrorParser, run_lightning
+# what the commands' signatures name; none of it imports Lightning (fit/validate/test/predict import it, through
+# project.cli, when they run), so `--help` and the commands that do not train start in seconds
+from project.data.corpus import TextPart
 from project.data.streaming import prepare_corpus  # imports litdata only when it runs
 from project.decoding import Decoder, InferenceDtype, cast_for_inference
 from project.formats.checkpoint import consolidate_checkpoint, load_model
 from project.formats.gguf import GGUFDtype
+from project.formats.runs import resolve_checkpoint
 from project.generate import GenerationSettings
 from project.guide import NOTEBOOK_DIR, build_guide  # imports nbclient/nbconvert only when it runs
-from project.training.interrupt import interrupted_step
 
-# errors that carry a message meant for the user: printed as one line, exit status 1 (Lightning raises
-# MisconfigurationException for settings it cannot honour)
+PROG = "python -m project"  # the name usage lines show (the `gpt` script runs the same commands)
+# errors that carry a message meant for the user: printed as one line, exit status 1 (and Lightning's
+# MisconfigurationException, for settings it cannot honour: see `user_errors`)
 USER_ERRORS = (ValueError, ConnectionError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
-               IsADirectoryError, MisconfigurationException)
+               IsADirectoryError)
+# new tokens from which `generate` compiles its step by default: a compiled step saves about a millisecond a token on
+# a CPU, and compiling costs seconds with a warm inductor cache (benchmarks/README.md, "Generation")
+COMPILE_PAYS_FROM = 4_000
 UNSTREAMED_TOKEN_LIMIT = 100_000  # `generate` without --stream prints nothing before the end: a count one can wait for
 MEMORY_HINT = ("lower --model.config.block_size, n_embd or n_layer, --data.batch_size, or the generation's "
                "--max_new_tokens")
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS, and Lightning's MisconfigurationException once Lightning is imported (only it raises one)."""
+    lightning = sys.modules.get("lightning.fabric.utilities.exceptions")
+    return USER_ERRORS + ((lightning.MisconfigurationException,) if lightning is not None else ())
+
+
 def out_of_memory(err: BaseException) -> bool:
     """A failed allocation: torch's OutOfMemoryError (accelerators) or the CPU allocator's RuntimeError."""
+    import torch
+
     return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
 def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: GenerationSettings = GenerationSettings(),
                      stream: bool = False, device: str = "cpu", dtype: InferenceDtype = "float32",
-                     compile: bool = True) -> None:
+                     compile: bool | None = None) -> None:
     """Generate text from a checkpoint and print it (as it is produced with --stream true).
 
     Args:
-        ckpt_path: a .ckpt written by `python -m project fit`, a distributed checkpoint folder, or a
-            transformers directory written by `python -m project export`.
+        ckpt_path: `last` or `best` (the newest run's, under runs/), a .ckpt written by `python -m project fit`, a
+            distributed checkpoint folder, or a transformers directory written by `python -m project export`.
         prompt: text to continue.
         generation: sampling settings (--generation.temperature 0 is greedy).
         stream: print text as it is generated (without it, the whole text once it is complete).
@@ -62,7 +74,8 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: Generati
         dtype: the weights' precision while generating: float32, bfloat16 (half the bytes; logits within a few
             hundredths of float32's) or float16.
         compile: compile the decoding step first (torch.compile; its time is printed on stderr, seconds once the
-            compiler's cache is warm) for the fastest tokens; false starts at once.
+            compiler's cache is warm) for the fastest tokens; false starts at once. Default: compile when
+            --generation.max_new_tokens is at least COMPILE_PAYS_FROM, where the faster steps repay the compilation.
     """
     from project.generate import stream as stream_text
 
@@ -70,8 +83,11 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: Generati
         raise ValueError(f"--generation.max_new_tokens {generation.max_new_tokens:,} without --stream true prints "
                          "nothing until every token is sampled, which may never end: pass --stream true, or at "
                          f"most {UNSTREAMED_TOKEN_LIMIT:,} tokens")
-    loaded = load_model(ckpt_path, device=device)
+    configure_threads()
+    loaded = load_model(resolve_checkpoint(ckpt_path), device=device)
     model = cast_for_inference(loaded.model, dtype)
+    if compile is None:
+        compile = generation.max_new_tokens >= COMPILE_PAYS_FROM
     pieces = stream_text(model, loaded.tokenizer, prompt, generation, compile=compile)  # checks the prompt
     if compile:  # paid before the first token, and said apart from it
         seconds = Decoder(model, slots=1, compile=True).warm_up()
@@ -95,35 +111,56 @@ def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = 
     model.gguf and an Ollama Modelfile (project/formats/gguf.py).
 
     Args:
-        ckpt_path: a .ckpt written by `python -m project fit`, a distributed checkpoint folder, or a directory
-            written by `python -m project export`.
+        ckpt_path: `last` or `best` (the newest run's, under runs/), a .ckpt written by `python -m project fit`, a
+            distributed checkpoint folder, or a directory written by `python -m project export`.
         out: the directory to write (config.json, model.safetensors, generation_config.json, tokenizer files;
             or model.gguf and Modelfile).
         format: hf (transformers directory) or gguf (one .gguf file for llama.cpp, plus a Modelfile).
         dtype: GGUF weight precision (f32, f16 or q8_0); the hf format is always f32.
         overwrite: replace the files of an existing export.
     """
-    from project.formats.gguf import check_gguf_output, export_gguf
+    from project.formats.gguf import MODELFILE, check_gguf_output, export_gguf, gguf_architecture
     from project.formats.hf import check_export_target, export_hf, hf_architecture
 
     if format == "gguf":
         check_gguf_output(out, overwrite)  # fail before loading anything
-        loaded = load_model(ckpt_path)
+        loaded = load_model(resolve_checkpoint(ckpt_path))
         path = export_gguf(loaded.model.float(), loaded.tokenizer, out, dtype=dtype, overwrite=overwrite)
-        print(f"exported {ckpt_path} as GGUF ({dtype}) to {path}, with an Ollama Modelfile beside it")
+        context = loaded.model.config.block_size
+        print(f"exported {loaded.path} to {path} ({dtype}, {size_of(path)}, llama.cpp architecture "
+              f"{gguf_architecture(loaded.model.config)}, context {context} tokens) and {path.parent / MODELFILE} "
+              f"(num_ctx {context}, num_predict {context // 2})\n"
+              f"  keep prompt + new tokens within {context}: past the context a model with learned positions makes "
+              "llama.cpp abort, whatever n_ctx says\n"
+              f"  try: python -c \"import llama_cpp; print(llama_cpp.Llama('{path}', n_ctx=0, verbose=False)"
+              f".create_completion('ROMEO:', max_tokens={context // 2})['choices'][0]['text'])\"")
         return
     if dtype != "f32":
         raise ValueError(f"--dtype {dtype} applies to --format gguf only: the hf format is always f32")
     out_path = check_export_target(out, overwrite)  # fail before loading anything
-    loaded = load_model(ckpt_path)
+    loaded = load_model(resolve_checkpoint(ckpt_path))
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards" for a one-file model; the line below says it
     export_hf(loaded.model.float(), loaded.tokenizer, out_path, overwrite=overwrite)
-    print(f"exported {ckpt_path} as {hf_architecture(loaded.model.config)} to {out_path}")
+    files = ", ".join(f"{p.name} ({size_of(p)})" for p in sorted(out_path.iterdir()) if p.is_file())
+    print(f"exported {loaded.path} as {hf_architecture(loaded.model.config)} to {out_path}: {files}\n"
+          f"  load with: AutoModelForCausalLM.from_pretrained({str(out_path)!r}), AutoTokenizer.from_pretrained(...)")
+
+
+def size_of(path: Path) -> str:
+    """A file's size for people: 812 KB, 23.4 MB."""
+    size = path.stat().st_size
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} KB" if size >= 1e3 else f"{size} bytes"
 
 
 @functools.wraps(consolidate_checkpoint)
-def consolidate_command(**kwargs) -> None:
-    target = consolidate_checkpoint(**kwargs)
-    print(f"consolidated {kwargs['ckpt_path']} -> {target}")
+def consolidate_command(*, ckpt_path: str, out: str) -> None:
+    source = resolve_checkpoint(ckpt_path)
+    target = consolidate_checkpoint(ckpt_path=source, out=out)
+    print(f"consolidated {source} into {target} ({size_of(target)}: weights, optimizer state, schedule and loop "
+          f"state, tokenizer): sample with `{PROG} generate --ckpt_path {target}`, resume on one device with "
+          f"`{PROG} fit --config ... --ckpt_path {target}`")
 
 
 def serve_command(
@@ -143,7 +180,8 @@ def serve_command(
     """Serve the Gradio app at / and an OpenAI-compatible API under /v1, on one port.
 
     Args:
-        ckpt_path: a .ckpt written by `python -m project fit`, or a directory written by `python -m project export`.
+        ckpt_path: `last` or `best` (the newest run's, under runs/), a .ckpt written by `python -m project fit`, or
+            a directory written by `python -m project export`.
         host: interface to listen on; 127.0.0.1 keeps the server on this machine. Any other needs an API key.
         port: port to listen on.
         api_key: the key clients must send (`Authorization: Bearer KEY`; the page's password); default: the
@@ -165,7 +203,8 @@ def serve_command(
     if api_key is None and not is_loopback(host):
         raise ValueError(f"--host {host} opens the server to the network: set an API key with --api_key or "
                          f"{API_KEY_ENV}, or keep the default --host 127.0.0.1")
-    loaded = load_model(ckpt_path, device=device)
+    configure_threads()
+    loaded = load_model(resolve_checkpoint(ckpt_path), device=device)
     cast_for_inference(loaded.model, dtype)
     server = build_server(loaded, api_key=api_key, model_name=model_name, max_prompt_chars=max_prompt_chars,
                           slots=slots, max_waiting=max_queue, compile=compile)
@@ -181,6 +220,7 @@ def evaluate_command(
     *,
     ckpt_path: str,
     text: str | None = None,
+    part: TextPart = "all",
     choices: str | None = None,
     tasks: str | None = None,
     limit: int | None = None,
@@ -190,24 +230,74 @@ def evaluate_command(
     """Evaluate a checkpoint with EleutherAI's lm-evaluation-harness (project/evaluate.py) and print the metrics.
 
     Args:
-        ckpt_path: a .ckpt written by `python -m project fit`, or a directory written by `python -m project export`.
+        ckpt_path: `last` or `best` (the newest run's, under runs/), a .ckpt written by `python -m project fit`, or
+            a directory written by `python -m project export`.
         text: a UTF-8 text file: bits per byte, byte perplexity and word perplexity.
+        part: score all of --text, or its train, val or test part, cut as the checkpoint's training cut its corpus
+            (`--part test` of the training corpus is text the model never saw).
         choices: a JSONL file, one {"question": str, "choices": [str, ...], "answer": index} per line: acc, acc_norm.
         tasks: the harness's own tasks, comma-separated (e.g. hellaswag,arc_easy); their datasets come from the Hub.
         limit: at most this many documents per task.
         batch_size: sequences scored per forward pass.
         device: torch device, e.g. cpu or cuda.
     """
-    from project.evaluate import check_evaluation, evaluate  # imports lm_eval only when it runs
+    from project.data.corpus import Split
+    from project.data.overlap import MIN_LINE_CHARS, overlap
+    from project.evaluate import check_evaluation, evaluate, scored_text  # imports lm_eval only when it runs
 
     names = [name.strip() for name in tasks.split(",") if name.strip()] if tasks else None
     check_evaluation(text=text, choices=choices, tasks=names, limit=limit, batch_size=batch_size)  # before loading
-    loaded = load_model(ckpt_path, device=device)
-    results = evaluate(loaded.model, loaded.tokenizer, text=text, choices=choices, tasks=names, limit=limit,
-                       batch_size=batch_size)
-    for task, metrics in results.items():
-        for name, value in metrics.items():
-            print(f"{task:<20} {name:<16} {value:.4f}")
+    configure_threads()
+    loaded = load_model(resolve_checkpoint(ckpt_path), device=device)
+    split = Split(**loaded.split)
+    where = "" if part == "all" else f", its {part} part (cut as the model's training split its corpus: {split})"
+    if text is not None:
+        content = scored_text(text, part, split)
+        seen = overlap(content, loaded.training_lines) if loaded.training_lines is not None else None
+        if seen is not None and seen.share >= 0.05:
+            print(f"warning: {seen.share:.0%} of the lines of {text}{where} are in the model's training text "
+                  f"({seen.found:,} of {seen.compared:,} lines of {MIN_LINE_CHARS} or more characters): its scores "
+                  "are not those of unseen text; score --part test (or val) of the training corpus, or another file",
+                  file=sys.stderr)
+    import datasets
+
+    datasets.disable_progress_bars()  # the harness loads local files through `datasets`: our bar shows the scoring
+    with ProgressBar() as progress:
+        results = evaluate(loaded.model, loaded.tokenizer, text=text, choices=choices, tasks=names, limit=limit,
+                           batch_size=batch_size, part=part, split=split, progress=progress)
+    print(f"evaluate: {loaded.path} ({loaded.model.num_params() / 1e6:.2f} M parameters, "
+          f"{loaded.tokenizer.describe()}, context {loaded.model.config.block_size} tokens), lm-evaluation-harness")
+    sources = {"project_text": f"{text}{where}", "project_choices": str(choices)}
+    rows = [(sources.get(task, task), name, value) for task, metrics in results.items()
+            for name, value in metrics.items()]
+    width = max([len("scored"), *(len(source) for source, _, _ in rows)])
+    print(f"  {'scored':<{width}}  {'metric':<16} {'value':>10}")
+    for source, name, value in rows:
+        print(f"  {source:<{width}}  {name:<16} {value:>10.4f}")
+
+
+class ProgressBar:
+    """A tqdm bar on stderr for a library's `progress(what, done, total)` callback: one bar per `what`."""
+
+    def __enter__(self):
+        self.bar, self.what = None, None
+        return self
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if what != self.what:
+            self.close()
+            self.bar, self.what = tqdm(total=total, desc=f"scoring {what}", unit="", leave=False), what
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @functools.wraps(prepare_corpus)
@@ -255,12 +345,15 @@ def train_tokenizer_command(*, path: str, out: str, vocab_size: int = 4096) -> N
         out: the folder to create (it holds tokenizer.json); it must not exist.
         vocab_size: tokens in the vocabulary: 256 bytes + end-of-text + merges (257 to 65536).
     """
-    from project.data.corpus import train_tokenizer
-    from project.tokenizer import tokenizer_spec
+    from project.data.corpus import read_text, train_tokenizer
+    from project.tokenizer import TOKENIZER_FILE, tokenizer_spec
 
     tokenizer = train_tokenizer(path, vocab_size, out)
-    print(f"trained a byte-level BPE of {tokenizer.vocab_size} tokens on {path} -> {out} "
-          f"(use --data.tokenizer {tokenizer_spec(out)})")
+    text = read_text(path)
+    tokens = len(tokenizer.encode(text))
+    print(f"trained a byte-level BPE of {tokenizer.vocab_size:,} tokens on {path} ({len(text):,} characters) and wrote "
+          f"{Path(out) / TOKENIZER_FILE}: it cuts that text into {tokens:,} tokens, {len(text) / tokens:.2f} "
+          f"characters each\n  use it: {PROG} fit --config ... --data.tokenizer {tokenizer_spec(out)}")
 
 
 # the project's own commands, beside LightningCLI's fit/validate/test/predict
@@ -300,6 +393,25 @@ def overview() -> str:
     return "\n".join(lines)
 
 
+class OneLineErrors:
+    """Argument errors as one line (`error: Parser key "max_new_tokens": Expected ...`), mixed into the parser of
+    the project's commands (`command_parser`) and into LightningCLI's (project.cli.OneLineErrorParser)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        return super().error(" ".join(str(message).split()), ex)
+
+    def print_usage(self, file=None) -> None:
+        """One usage line before the error (the options are in --help)."""
+        (file or sys.stderr).write(f"usage: {self.prog} [options]\n")
+
+
+def command_parser() -> type:
+    """jsonargparse's ArgumentParser with OneLineErrors, made when a command runs (`--help` needs no jsonargparse)."""
+    from jsonargparse import ArgumentParser
+
+    return type("CommandParser", (OneLineErrors, ArgumentParser), {})
+
+
 class ConsoleHandler(logging.StreamHandler):
     """Log lines as plain text on the console stream named `target` ("stdout" or "stderr"), looked up at each
     line, so a redirected or captured stream gets them."""
@@ -316,11 +428,22 @@ class ConsoleHandler(logging.StreamHandler):
     def stream(self, value) -> None:  # StreamHandler sets it; the console stream is looked up instead
         pass
 
+    def emit(self, record: logging.LogRecord) -> None:
+        """Between progress-bar redraws when a bar is on screen (tqdm.write), so a line is never glued to one."""
+        tqdm = sys.modules.get("tqdm")
+        if tqdm is None:
+            return super().emit(record)
+        try:
+            tqdm.tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 (logging's own contract: report, never raise)
+            self.handleError(record)
+
 
 def configure_logging() -> None:
-    """The library's log lines (project.*: resumed from, saved, rebuilt) on stderr, `predict`'s completions on
-    stdout. Library code only logs; the command line decides where lines go."""
-    for name, target in (("project", "stderr"), ("project.completions", "stdout")):
+    """The library's log lines (project.*: resumed from, saved, rebuilt) and Python warnings on stderr, `predict`'s
+    completions on stdout. Library code only logs; the command line decides where lines go."""
+    logging.captureWarnings(True)  # warnings as log lines, so they too are written between progress-bar redraws
+    for name, target in (("project", "stderr"), ("project.completions", "stdout"), ("py.warnings", "stderr")):
         logger = logging.getLogger(name)
         if not any(isinstance(h, ConsoleHandler) for h in logger.handlers):
             handler = ConsoleHandler(target)
@@ -339,21 +462,19 @@ def main(argv: list[str] | None = None) -> None:
             print(overview())
             sys.exit(0 if words else 2)
         if words[0] in COMMANDS:
-            auto_cli(COMMANDS[words[0]], args=words[1:], prog=f"{PROG} {words[0]}", parser_class=OneLineErrorParser)
+            from jsonargparse import auto_cli
+
+            auto_cli(COMMANDS[words[0]], args=words[1:], prog=f"{PROG} {words[0]}", parser_class=command_parser())
         elif words[0] in LIGHTNING_SUMMARIES or words[0].startswith("-"):
-            trainer = run_lightning(argv)  # None: LightningCLI reads sys.argv itself
-            if interrupted_step(trainer) is not None:
-                sys.exit(130)  # stopped by Ctrl-C (after saving last.ckpt): the shell's status for SIGINT
+            fit_command(argv)
         else:
             raise ValueError(f"unknown command {words[0]!r}: use one of {', '.join([*LIGHTNING_SUMMARIES, *COMMANDS])} "
                              f"({PROG} --help)")
-    except USER_ERRORS as err:
-        if os.environ.get("PROJECT_DEBUG"):
-            raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(1)
-    except (RuntimeError, MemoryError) as err:
-        if not out_of_memory(err) or os.environ.get("PROJECT_DEBUG"):
+    except Exception as err:  # noqa: BLE001 (re-raised below unless it is the user's mistake or memory)
+        if isinstance(err, user_errors()) and not os.environ.get("PROJECT_DEBUG"):
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            sys.exit(1)
+        if not (isinstance(err, (RuntimeError, MemoryError)) and out_of_memory(err)) or os.environ.get("PROJECT_DEBUG"):
             raise  # our bug: the traceback is the report
         print(f"error: not enough memory ({one_line(err)[:160]}): {MEMORY_HINT}", file=sys.stderr)
         sys.exit(1)
@@ -366,6 +487,66 @@ def main(argv: list[str] | None = None) -> None:
         if lightning_exceptions is not None and isinstance(err, lightning_exceptions.SIGTERMException):
             sys.exit(128 + signal.SIGTERM)
         raise
+
+
+def fit_command(argv: list[str] | None) -> None:
+    """fit/validate/test/predict through LightningCLI (project/cli.py, which imports Lightning); `fit` ends with
+    what happened (`describe_fit`)."""
+    from project.cli import run_lightning
+    from project.training.interrupt import interrupted_step
+    from project.training.report import fit_report
+
+    configure_threads()
+    trainer = run_lightning(argv, descriptions=LIGHTNING_SUMMARIES)  # None: LightningCLI reads sys.argv itself
+    if trainer.state.fn == "fit" and trainer.is_global_zero:
+        print("\n".join(describe_fit(fit_report(trainer))))
+    if interrupted_step(trainer) is not None:
+        sys.exit(130)  # stopped by Ctrl-C (after saving last.ckpt): the shell's status for SIGINT
+
+
+def describe_fit(report) -> list[str]:
+    """`fit`'s closing lines (a project.training.report.FitReport): why it stopped, the last validation's figures,
+    the checkpoints, and what to run next."""
+    took = f" in {duration(report.train_s)}" if report.train_s is not None else ""
+    of = f" of {report.max_steps:,}" if report.max_steps else ""
+    why = {"max_steps": f"reached max_steps ({report.max_steps:,}){took}",
+           "max_time": f"stopped by max_time ({duration(report.max_time_s or 0)}) at step {report.step:,}{of}; the "
+                       "learning rate followed the time budget to its floor",
+           "max_epochs": f"reached max_epochs at step {report.step:,}{took}",
+           "interrupted": f"interrupted (Ctrl-C) at step {report.step:,}{of}{took}; to continue, run the same "
+                          "command with --ckpt_path last",
+           }.get(report.stopped_by, f"stopped by a callback (e.g. early stopping) at step {report.step:,}{took}")
+    lines = [f"fit: {why}"]
+    if report.metrics:
+        figures = ", ".join(f"{name} {value:.4f}" for name, value in report.metrics.items())
+        lines.append(f"  last validation (step {report.validated_at:,}): {figures}")
+    else:
+        lines.append("  no validation ran (--trainer.val_check_interval is larger than the run)")
+    if report.best is not None:
+        score = f" (val/loss {report.best_score:.4f})" if report.best_score is not None else ""
+        lines.append(f"  best checkpoint: {report.best}{score}")
+    if report.last is not None:
+        lines.append(f"  last checkpoint: {report.last}")
+    if report.run_dir is not None:
+        lines.append(f"  curves: tensorboard --logdir {report.run_dir}")
+    sample = report.best or report.last
+    if sample is not None:
+        plain = (report.prompt or "").strip() and "\n" not in report.prompt  # else generate's default prompt
+        prompt = f" --prompt {shell_quote(report.prompt)}" if plain else ""
+        lines.append(f"next: {PROG} generate --ckpt_path {shell_quote(str(sample))}{prompt} --stream true")
+    return lines
+
+
+def duration(seconds: float) -> str:
+    """Seconds for people: 12 s, 9.5 min."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def shell_quote(text: str) -> str:
+    """`text` as one shell word (quoted only when it needs to be)."""
+    import shlex
+
+    return shlex.quote(text)
 
 
 def one_line(err: BaseException) -> str:

@@ -28,12 +28,14 @@ from __future__ import annotations
 import json
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 from lm_eval.api.model import TemplateLM
 
+from project.data.corpus import Split, TextPart
 from project.generate import GenerationSettings, completion_text, generate
 from project.model import GPT
 from project.tokenizer import Tokenizer
@@ -43,6 +45,7 @@ CHOICES_TASK = "project_choices"
 TEXT_METRICS = ("bits_per_byte", "byte_perplexity", "word_perplexity")
 CHOICE_METRICS = ("acc", "acc_norm")
 HUB_PROBE_TIMEOUT_S = 5.0  # a reachable Hub answers a TCP connect in well under this
+Progress = Callable[[str, int, int], None]  # (what is being scored, done, total)
 
 
 class HarnessLM(TemplateLM):
@@ -52,13 +55,16 @@ class HarnessLM(TemplateLM):
         model: the GPT, in eval mode on its device.
         tokenizer: the checkpoint's tokenizer.
         batch_size: sequences scored per forward pass.
+        progress: called as sequences are scored, with (what, done, total).
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int = 32) -> None:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int = 32,
+                 progress: Progress | None = None) -> None:
         super().__init__()
         # not `self.tokenizer`: the harness reads that as a Hugging Face tokenizer (chat templates)
         self.model, self.project_tokenizer = model, tokenizer
         self.batch_size = batch_size
+        self.progress = progress
         self.block_size = model.config.block_size
         self.model_device = next(model.parameters()).device
 
@@ -77,13 +83,13 @@ class HarnessLM(TemplateLM):
         return self.project_tokenizer.decode(tokens)
 
     @torch.inference_mode()
-    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def score(self, pairs: list[tuple[list[int], list[int]]], what: str = "continuations") -> list[tuple[float, bool]]:
         """(sum of log-probabilities of the continuation, whether it is the greedy one) per (context, continuation).
 
         Each pair is scored in one forward pass over its last block_size tokens; sequences are padded on the
         right, which a causal model never attends to. Only the positions that predict a continuation token are
         normalised (a log-softmax over (scored positions, V), not over every position of the batch), and each
-        batch is read back to the host once.
+        batch is read back to the host once. `what` names them for the progress callback.
         """
         results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))  # similar lengths batch
@@ -116,6 +122,8 @@ class HarnessLM(TemplateLM):
                 0, owner, (logits.argmax(-1) != target).long())  # argmax of logits = argmax of log-probabilities
             for (i, _, _), total, missed in zip(inputs, totals.tolist(), misses.tolist()):
                 results[i] = (total, missed == 0)
+            if self.progress is not None:
+                self.progress(what, min(start + self.batch_size, len(order)), len(order))
         return results
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -124,7 +132,7 @@ class HarnessLM(TemplateLM):
             if None in context:  # an empty context and no end-of-text token to stand for it
                 raise ValueError("an empty context needs an end-of-text token, which this vocabulary lacks")
             pairs.append((context, continuation))
-        return self.score(pairs)
+        return self.score(pairs, "choices")
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole text, summed over non-overlapping windows (see the module docstring)."""
@@ -139,7 +147,7 @@ class HarnessLM(TemplateLM):
                 prefix, predicted = ids[0], ids[1:]
             windows = [make_disjoint_window(window) for window in
                        get_rolling_token_windows(predicted, prefix, max_seq_len=self.block_size, context_len=1)]
-            totals.append(sum(logprob for logprob, _ in self.score(windows)))
+            totals.append(sum(logprob for logprob, _ in self.score(windows, f"windows of {self.block_size} tokens")))
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -157,6 +165,19 @@ class HarnessLM(TemplateLM):
 
 
 # --- local tasks ---------------------------------------------------------------------------------------------
+
+
+def scored_text(path: str | Path, part: TextPart = "all", split: Split = Split()) -> str:
+    """The text `--text PATH --part PART` scores: the whole file, or its train, val or test part cut by `split`
+    (a checkpoint's own split, so `--part test` is text its training never saw when PATH is its corpus)."""
+    text = read_text(path)
+    if part == "all":
+        return text
+    piece = split.cut(text)[part]
+    if len(piece) < 2:
+        raise ValueError(f"the {part} part of {path} has {len(piece)} characters ({split}): nothing to score; pass "
+                         "--part all or a longer file")
+    return piece
 
 
 def check_input_file(path: str | Path, flag: str, what: str) -> Path:
@@ -274,15 +295,20 @@ def check_hub_reachable() -> None:
 
 
 def evaluate(model: GPT, tokenizer: Tokenizer, *, text: str | Path | None = None, choices: str | Path | None = None,
-             tasks: list[str] | None = None, limit: int | None = None, batch_size: int = 32) -> dict[str, dict]:
+             tasks: list[str] | None = None, limit: int | None = None, batch_size: int = 32, part: TextPart = "all",
+             split: Split = Split(), progress: Progress | None = None) -> dict[str, dict]:
     """Run the harness on `model` and return {task: {metric: value}}.
 
     Args:
-        text: a UTF-8 text file: bits per byte and byte/word perplexity (task "project_text").
+        text: a UTF-8 text file: bits per byte and byte/word perplexity (task "project_text"), of the `part`
+            of it that `split` cuts (`scored_text`).
         choices: a multiple-choice JSONL file: acc and acc_norm (task "project_choices").
         tasks: names of the harness's own tasks (need their datasets: online, or in the HF cache).
         limit: at most this many documents per task (for quick checks).
         batch_size: sequences scored per forward pass.
+        part: which part of `text` to score: all, or the train, val or test part (cut by `split`).
+        split: how `part` cuts the text (the checkpoint's training split).
+        progress: called as sequences are scored, with (what, done, total).
     """
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -294,7 +320,7 @@ def evaluate(model: GPT, tokenizer: Tokenizer, *, text: str | Path | None = None
         folder = Path(folder)
         names = []
         if text is not None:
-            write_task(folder, TEXT_TASK, [{"text": read_text(text)}], text_task_config())
+            write_task(folder, TEXT_TASK, [{"text": scored_text(text, part, split)}], text_task_config())
             names.append(TEXT_TASK)
         if choices is not None:
             write_task(folder, CHOICES_TASK, read_choices(choices), choices_task_config())
@@ -304,7 +330,7 @@ def evaluate(model: GPT, tokenizer: Tokenizer, *, text: str | Path | None = None
         unknown = [name for name in tasks or [] if name not in manager.all_tasks]
         if unknown:
             raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}: list them with `lm-eval ls tasks`")
-        lm = HarnessLM(model, tokenizer, batch_size=batch_size)
+        lm = HarnessLM(model, tokenizer, batch_size=batch_size, progress=progress)
         try:
             output = simple_evaluate(model=lm, tasks=names + list(tasks or []), task_manager=manager, limit=limit,
                                      bootstrap_iters=0, log_samples=False)

@@ -93,8 +93,9 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | N
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
-def run_main(capsys, *args: str) -> tuple[int | str | None, str]:
-    """Run the command line in this process (faster than run_cli): its exit status and stderr."""
+def run_main(capsys, *args: str, stdout: bool = False) -> tuple:
+    """Run the command line in this process (faster than run_cli): its exit status and stderr (and, with `stdout`,
+    its stdout third)."""
     from project.commands import main
 
     # logging handlers made at import time hold the stderr of an earlier test's capture: point them here
@@ -110,7 +111,8 @@ def run_main(capsys, *args: str) -> tuple[int | str | None, str]:
     finally:
         for handler, stream in zip(handlers, previous):
             handler.stream = stream
-    return exit_info.value.code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return (exit_info.value.code, captured.err, captured.out) if stdout else (exit_info.value.code, captured.err)
 
 
 @pytest.fixture(scope="session")

@@ -131,7 +131,8 @@ def test_bad_attention_inputs_give_a_message(handlers, prompt, layer, head, mess
 def test_model_card_describes_the_checkpoint(loaded):
     card = model_card(loaded)
     for needle in ("parameters", f"{loaded.model.num_params():,}", "characters (65 symbols)",
-                   f"| training steps | {DEBUG_CONFIG['trainer']['max_steps']} |", "val loss",
+                   f"| training steps | {DEBUG_CONFIG['trainer']['max_steps']} |", "| val loss |", "| val bpb |",
+                   "| val ppl |", "| best val loss |",
                    f"| context (block_size) | {MODEL['block_size']} |", f"| layers | {MODEL['n_layer']} |"):
         assert needle in card, needle
 

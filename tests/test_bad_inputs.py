@@ -668,8 +668,10 @@ def test_a_genuine_distributed_checkpoint_loads_and_consolidates(trained_run, di
     consolidates to the same optimizer state (its pickled settings read weights-only)."""
     from project.formats.checkpoint import load_checkpoint
 
-    code, err = run_main(capsys, "consolidate", "--ckpt_path", str(distributed_dir), "--out", str(tmp_path / "one.ckpt"))
+    code, err, out = run_main(capsys, "consolidate", "--ckpt_path", str(distributed_dir), "--out",
+                              str(tmp_path / "one.ckpt"), stdout=True)
     assert code == 0, err
+    assert out.startswith(f"consolidated {distributed_dir} into {tmp_path / 'one.ckpt'} (")  # says what it wrote
     idx = torch.randint(0, 65, (2, 16), generator=torch.Generator().manual_seed(0))
     reference = load_checkpoint(trained_run["ckpt"]).model(idx)
     with torch.no_grad():

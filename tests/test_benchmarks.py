@@ -1,5 +1,5 @@
-"""benchmarks/train.py, generate.py and gpu.py run end to end (--quick, --cpu-smoke: tiny models, a few steps; no timing
-assertions)."""
+"""benchmarks/train.py, generate.py, gpu.py, threads.py, startup.py and busy.py run end to end (--quick, --cpu-smoke,
+seconds-long budgets: tiny models, a few steps; no timing assertions)."""
 
 import math
 import os
@@ -97,3 +97,41 @@ def test_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
     assert sharing["generated"].startswith("ROMEO:") and len(sharing["generated"].strip()) > len("ROMEO:")
     assert "model.safetensors" in sharing["export_files"] and sharing["export_max_logit_difference"] < 1e-4
     assert "tokens/s" in result.stdout and "attention: " in result.stdout
+
+
+def run_script(name: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    """benchmarks/NAME run as a user runs it, with this tree on PYTHONPATH."""
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.slow
+def test_threads_and_startup_benchmarks_print_their_tables(tmp_path, shakespeare_path):
+    """benchmarks/threads.py --quick (one thread and the start-up choice, quiet) and benchmarks/startup.py (two
+    commands, one repeat): each runs its measurements in fresh processes and prints the table benchmarks/README.md
+    quotes."""
+    threads = run_script("threads.py", "--quick", "--loads", "0", "--settings", "1", "auto", "--data-path",
+                         str(shakespeare_path), "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
+    assert threads.returncode == 0, threads.stderr[-3000:]
+    rows = [line for line in threads.stdout.splitlines() if line.startswith("| 0 | ")]
+    assert [row.split("|")[2].strip().split()[0] for row in rows] == ["1", "auto"], threads.stdout
+    assert all(float(row.split("|")[3].replace(",", "")) > 0 for row in rows), rows  # train tokens/s
+    startup = run_script("startup.py", "--repeats", "1", "--commands", "generate --help", "generate", "--data-path",
+                         str(shakespeare_path), cwd=tmp_path)
+    assert startup.returncode == 0, startup.stderr[-3000:]
+    for label in ("`generate --help`", "`generate`"):
+        row = next(line for line in startup.stdout.splitlines() if line.startswith(f"| {label} |"))
+        assert float(row.split("|")[2]) > 0, row
+
+
+@pytest.mark.slow
+def test_busy_benchmark_reads_steps_lr_and_bpb_of_a_clock_stopped_fit(tmp_path, shakespeare_path):
+    """benchmarks/busy.py with a 3-second budget and no busy loop: the default config's fit, stopped by the clock,
+    read back from its TensorBoard events (steps, last LR / peak at the floor, val/bpb)."""
+    result = run_script("busy.py", "--minutes", "0.05", "--loads", "0", "--log-every", "1", "--data-path",
+                        str(shakespeare_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| this tree |"))
+    steps, lr, _, bpb = (float(cell) for cell in row.split("|")[2:6])
+    assert steps >= 1 and bpb > 0, row
+    assert lr <= 0.11, row  # the budget-aware schedule ends at its floor (a tenth of the peak) as time runs out

@@ -5,7 +5,6 @@ import inspect
 
 import torch
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger
 from torch.overrides import TorchFunctionMode
@@ -14,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from project.model import GPTConfig
 from project.training.interrupt import GracefulInterrupt
 from project.training.module import GPTModule
-from project.training.monitoring import StepProgressBar, TokenThroughput
+from project.training.monitoring import LearningRates, StepProgressBar, TokenThroughput
 from project.training.nan_guard import NonFiniteLossGuard
 from project.training.step_stats import TRAIN_LOSS, StepStats
 
@@ -95,10 +94,28 @@ def test_training_reads_the_device_once_per_logging_interval(tmp_path, monkeypat
                       logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_model_summary=False,
                       callbacks=[StepStats(), StepProgressBar(refresh_rate=1), NonFiniteLossGuard(),
                                  TokenThroughput(peak_flops=1e12), GracefulInterrupt(),
-                                 LearningRateMonitor(logging_interval="step"), CountDuringTraining(counter)])
+                                 LearningRates(), CountDuringTraining(counter)])
     with counter:
         trainer.fit(module, DataLoader(RandomTokens(), batch_size=None))
     assert trainer.global_step == 20
     assert len(counter.reads) == 20 // 5, counter.reads
     logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
-    assert "train/loss" in logged[0] and "train/tokens_per_sec" in logged[0]
+    assert "train/loss" in logged[0] and "train/tokens_per_sec" in logged[0] and "train/lr" in logged[0]
+
+
+def test_step_bar_shows_the_last_validations_bits_per_byte(tmp_path, shakespeare_path):
+    """After a validation the bar shows val/loss and val/bpb beside the training figures (GPTModule logs both
+    with prog_bar), so a run's quality is on screen without TensorBoard."""
+    from project.data.datamodule import TextDataModule
+
+    dm = TextDataModule(path=str(shakespeare_path), data_dir=str(tmp_path / "data"), tokenizer="char", block_size=16,
+                        batch_size=2, max_val_windows=2)
+    module = GPTModule(GPTConfig(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    bar = StepProgressBar()
+    trainer = Trainer(accelerator="cpu", max_steps=2, val_check_interval=2, limit_val_batches=1, log_every_n_steps=1,
+                      logger=False, enable_checkpointing=False, enable_model_summary=False,
+                      callbacks=[StepStats(), bar])
+    trainer.fit(module, datamodule=dm)
+    metrics = bar.get_metrics(trainer, module)
+    assert {"loss", "val/loss", "val/bpb"} <= set(metrics), metrics
+    assert float(metrics["val/bpb"]) > 0

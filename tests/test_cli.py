@@ -2,13 +2,14 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, run_cli, scalars
+from conftest import DEBUG_CONFIG, REPO, free_port, run_cli, run_main, scalars
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
@@ -16,7 +17,7 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 def test_fit_lowers_val_loss_and_writes_checkpoints_and_events(trained_run):
     run_dir = trained_run["run_dir"]
     logged = scalars(run_dir)
-    for tag in ("train/loss", "val/loss", "val/ppl", "val/bpb", "lr-AdamW/decay", "train/tokens_per_sec"):
+    for tag in ("train/loss", "val/loss", "val/ppl", "val/bpb", "train/lr", "train/tokens_per_sec"):
         assert tag in logged, f"{tag} not logged; have {sorted(logged)}"
     val = logged["val/loss"]
     assert len(val) >= 2 and val[-1] < val[0] < math.log(65)  # below the uniform guess, and still falling
@@ -134,7 +135,9 @@ def test_train_tokenizer_command_writes_a_folder_fit_can_use(shakespeare_path, t
     from project.tokenizer import BPETokenizer
 
     main(["train-tokenizer", "--path", str(shakespeare_path), "--vocab_size", "512", "--out", str(tmp_path / "tok")])
-    assert "512 tokens" in capsys.readouterr().out
+    out = capsys.readouterr().out  # what it wrote, how it cuts its corpus, and how to use it
+    assert f"trained a byte-level BPE of 512 tokens on {shakespeare_path}" in out and "characters each" in out
+    assert f"wrote {tmp_path / 'tok' / 'tokenizer.json'}" in out and "--data.tokenizer " in out
     tokenizer = BPETokenizer.from_dir(tmp_path / "tok")
     assert tokenizer.vocab_size == 512 and tokenizer.decode(tokenizer.encode("ROMEO: 🙂")) == "ROMEO: 🙂"
 
@@ -166,6 +169,139 @@ def test_trained_bpe_run_carries_its_tokenizer_to_generate_and_predict(data_dir,
     assert not (tmp_path / "no-data-here").exists()
 
 
+def test_fit_ends_with_what_happened_and_says_nothing_else(trained_run):
+    """Why it stopped, the last validation, both checkpoints and the command to run next; no library noise."""
+    out, err = trained_run["stdout"], trained_run["stderr"]
+    steps = DEBUG_CONFIG["trainer"]["max_steps"]
+    assert f"fit: reached max_steps ({steps}) in " in out
+    assert f"last validation (step {steps}): val/loss " in out and "val/bpb " in out
+    best = next((trained_run["run_dir"] / "checkpoints").glob("best*.ckpt")).relative_to(trained_run["root"])
+    assert f"best checkpoint: {best} (val/loss " in out
+    assert "last checkpoint: runs/gpt/version_0/checkpoints/last.ckpt" in out
+    assert f"next: python -m project generate --ckpt_path {best}" in out
+    assert "training a 0.03 M-parameter GPT, characters (65 symbols), for 40 steps; writing to runs/gpt/version_0" \
+        in err
+    for noise in ("Tip:", "LeafSpec", "weights_only", "Epoch 0", "Warning", "FLOPs", "sync_dist"):
+        assert noise not in err, noise
+
+
+def test_a_fit_stopped_by_its_time_budget_says_so(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err, out = run_main(capsys, "fit", "--config", str(REPO / "configs" / "debug.yaml"), "--data.data_dir",
+                              str(data_dir), "--trainer.max_steps", "1000000", "--trainer.max_time", "00:00:00:01",
+                              "--trainer.val_check_interval", "1000000", "--trainer.enable_progress_bar", "false",
+                              stdout=True)
+    assert code == 0, err[-2000:]
+    assert "fit: stopped by max_time (1 s) at step " in out and " of 1,000,000; the learning rate followed" in out
+    assert "last validation (step " in out  # Lightning validates when a run is stopped early
+    checkpoint = torch.load(tmp_path / "runs" / "gpt" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert set(checkpoint["metrics"]) == {"val/loss", "val/ppl", "val/bpb"}
+
+
+def make_run(root: Path, name: str, version: int, files: dict[str, float]) -> Path:
+    """A run folder with checkpoint files written at the given mtimes (seconds since the epoch)."""
+    import os
+
+    folder = root / "runs" / name / f"version_{version}" / "checkpoints"
+    folder.mkdir(parents=True)
+    for file, mtime in files.items():
+        (folder / file).write_bytes(b"x")
+        os.utime(folder / file, (mtime, mtime))
+    return folder
+
+
+def test_last_and_best_are_the_newest_runs_checkpoints(tmp_path):
+    from project.formats.runs import find_checkpoint, resolve_checkpoint
+
+    old = make_run(tmp_path, "shakespeare", 0, {"last.ckpt": 100, "best-step20.ckpt": 90})
+    new = make_run(tmp_path, "char", 3, {"last.ckpt": 200, "best-step10.ckpt": 150, "best-step30.ckpt": 190})
+    (tmp_path / "runs" / "shakespeare" / "version_1").mkdir()  # a newer folder with no checkpoint is never chosen
+    runs = tmp_path / "runs"
+    assert find_checkpoint("last", runs) == new / "last.ckpt"
+    assert find_checkpoint("best", runs) == new / "best-step30.ckpt"  # the latest best of a top-k
+    assert find_checkpoint("last", runs, name="shakespeare") == old / "last.ckpt"  # fit: its own logger's runs
+    assert resolve_checkpoint("last", runs) == str(new / "last.ckpt")
+    assert resolve_checkpoint("http://host/x.ckpt", runs) == "http://host/x.ckpt"  # as given: the reader refuses URLs
+    (old / "last.ckpt").unlink()
+    (new / "last.ckpt").unlink()
+    with pytest.raises(FileNotFoundError, match="has no last.ckpt: pass --ckpt_path best"):
+        find_checkpoint("last", runs)
+    with pytest.raises(FileNotFoundError, match="no best checkpoint under .*: train first"):
+        find_checkpoint("best", tmp_path / "elsewhere")
+
+
+def test_last_is_a_sharded_runs_newest_complete_step_folder(tmp_path):
+    """The one resolver knows ShardedStrategy's layout: step folders renamed into place once complete, last.ckpt
+    and best-stepN.ckpt links to them. `last` is the newest complete folder, even when last.ckpt still names an
+    older one (a run killed between the two), and never a half-written one."""
+    import os
+
+    from project.formats.runs import META_FILE, METADATA_FILE, find_checkpoint, step_folder_name
+
+    folder = tmp_path / "runs" / "tp" / "version_0" / "checkpoints"
+    for step in (100, 120):
+        (folder / step_folder_name(step)).mkdir(parents=True)
+        for name in (METADATA_FILE, META_FILE):
+            (folder / step_folder_name(step) / name).write_bytes(b"x")
+    (folder / ".step-000000140.4711.tmp").mkdir()  # a save in progress
+    (folder / step_folder_name(160)).mkdir()  # no index: not complete
+    os.symlink(step_folder_name(100), folder / "last.ckpt")
+    os.symlink(step_folder_name(100), folder / "best-step100.ckpt")
+    assert find_checkpoint("last", tmp_path / "runs") == folder / step_folder_name(120)
+    assert find_checkpoint("best", tmp_path / "runs", name="tp") == folder / "best-step100.ckpt"
+
+
+class Loaded(Exception):
+    """Raised by a stand-in load_model: the command got as far as loading this path."""
+
+
+@pytest.mark.parametrize("command", [
+    ["generate"], ["export", "--out", "exports/x"], ["serve", "--port", "0"], ["evaluate", "--text", "t.txt"],
+])
+@pytest.mark.parametrize("which", ["last", "best"])
+def test_every_command_resolves_last_and_best_alike(command, which, trained_run, tmp_path, monkeypatch, capsys):
+    import project.commands
+
+    shutil.copytree(trained_run["run_dir"], tmp_path / "runs" / "gpt" / "version_0")
+    (tmp_path / "t.txt").write_text("ROMEO: what light\n")  # evaluate checks its --text before loading
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(project.commands, "load_model", lambda path, **kwargs: (_ for _ in ()).throw(Loaded(path)))
+    if command[0] == "serve":
+        command = ["serve", "--port", str(free_port())]
+    with pytest.raises(Loaded) as loaded:
+        project.commands.main([command[0], "--ckpt_path", which, *command[1:]])
+    expected = {"last": Path("runs/gpt/version_0/checkpoints/last.ckpt"),
+                "best": next(Path("runs/gpt/version_0/checkpoints").glob("best*.ckpt"))}[which]
+    assert Path(loaded.value.args[0]) == expected
+
+
+def test_consolidate_resolves_last_too(trained_run, tmp_path, monkeypatch, capsys):
+    shutil.copytree(trained_run["run_dir"], tmp_path / "runs" / "gpt" / "version_0")
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(capsys, "consolidate", "--ckpt_path", "last", "--out", "one.ckpt")
+    assert code == 1 and "runs/gpt/version_0/checkpoints/last.ckpt is not a distributed checkpoint folder" in err
+
+
+def test_validate_and_predict_make_no_run_folder_that_hides_the_training_run(trained_run, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Before, each made a checkpoint-less version_N, and `ls -td runs/.../version_*` then picked it."""
+    shutil.copytree(trained_run["run_dir"], tmp_path / "runs" / "gpt" / "version_0")
+    (tmp_path / "data").symlink_to(trained_run["root"] / "data")
+    monkeypatch.chdir(tmp_path)
+    debug = ["--config", str(REPO / "configs" / "debug.yaml"), "--trainer.enable_progress_bar", "false"]
+    code, err = run_main(capsys, "validate", *debug, "--ckpt_path", "last", "--trainer.limit_val_batches", "1")
+    assert code == 0, err[-2000:]
+    for _ in range(2):
+        code, err = run_main(capsys, "predict", *debug, "--ckpt_path", "best", "--data.prompts", '["ROMEO:"]',
+                             "--model.generation.max_new_tokens", "3")
+        assert code == 0, err[-2000:]
+    run = Path("runs/gpt/version_0")
+    assert "predict: wrote 1 completion of" in err and f"to {run / 'predictions-2.jsonl'}" in err
+    assert [p.name for p in Path("runs/gpt").iterdir()] == ["version_0"]
+    assert {p.name for p in run.glob("predictions*.jsonl")} == {"predictions.jsonl", "predictions-2.jsonl"}
+    assert not Path("config.yaml").exists() and not Path("checkpoints").exists()
+    code, err = run_main(capsys, "generate", "--ckpt_path", "last", "--generation.max_new_tokens", "3")
+    assert code == 0, err
 def test_bf16_mixed_fit_trains_with_float32_weights(data_dir, tmp_path, capsys, monkeypatch):
     """bf16-mixed, the precision of the GPU config (configs/gpt2-124m.yaml), through the command line on a CPU:
     the loss falls, clipping and the fused optimizer run under autocast, and the weights stay float32."""

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import free_port, run_cli
+from conftest import free_port, run_cli, run_main
 
 pytest.importorskip("lm_eval")
 
@@ -18,7 +18,8 @@ from lightning.pytorch import Trainer  # noqa: E402
 from project.data.corpus import Split  # noqa: E402
 from project.data.datamodule import TextDataModule  # noqa: E402
 from project.formats.checkpoint import load_model, read_checkpoint  # noqa: E402
-from project.evaluate import HarnessLM, check_hub_reachable, evaluate, read_choices, read_text  # noqa: E402
+from project.evaluate import (HarnessLM, check_hub_reachable, evaluate, read_choices, read_text,  # noqa: E402
+                              scored_text)
 from project.training.module import VAL_BPB, GPTModule  # noqa: E402
 
 
@@ -180,3 +181,38 @@ def test_standard_task_offline_fails_in_one_line(trained_run, tmp_path):
                       timeout=300)
     assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
     assert unknown.stderr.strip().splitlines()[-1].startswith("error: unknown lm-eval task(s) no_such_task")
+
+
+def test_evaluate_warns_about_training_text_and_scores_the_held_out_part(trained_run, shakespeare_path, tmp_path,
+                                                                         capsys):
+    """The checkpoint's fingerprint of its training text: an excerpt of it is flagged; `--part test` of the very
+    corpus is not, and is exactly the test split the training held out."""
+    text = shakespeare_path.read_text(encoding="utf-8")
+    seen = tmp_path / "seen.txt"
+    seen.write_text(text[:4000], encoding="utf-8")
+    ckpt = str(trained_run["ckpt"])
+    code, err, out = run_main(capsys, "evaluate", "--ckpt_path", ckpt, "--text", str(seen), stdout=True)
+    assert code == 0, err[-2000:]
+    assert f"warning: 100% of the lines of {seen} are in the model's training text" in err and "--part test" in err
+    assert "scoring windows of 32 tokens" in err  # progress over the windows
+    lines = out.splitlines()
+    assert lines[0].startswith(f"evaluate: {ckpt} (0.03 M parameters, characters (65 symbols), context 32 tokens)")
+    assert lines[1].split() == ["scored", "metric", "value"]
+    assert {line.split()[1] for line in lines[2:]} == {"bits_per_byte", "byte_perplexity", "word_perplexity"}
+
+    code, err, out = run_main(capsys, "evaluate", "--ckpt_path", ckpt, "--text", str(shakespeare_path),
+                              "--part", "test", stdout=True)
+    assert code == 0, err[-2000:]
+    assert "warning" not in err and f"{shakespeare_path}, its test part" in out
+    assert scored_text(shakespeare_path, "test", Split()) == Split().cut(text)["test"]
+
+
+def test_overlap_is_the_share_of_long_lines_seen(shakespeare_path):
+    from project.data.overlap import line_fingerprint, overlap
+
+    parts = Split().cut(shakespeare_path.read_text(encoding="utf-8"))
+    fingerprint = line_fingerprint(parts["train"])
+    assert overlap(parts["train"], fingerprint).share == 1.0
+    assert overlap(parts["test"], fingerprint).share < 0.01  # recurring short lines ("ROMEO:") are not counted
+    whole = overlap(parts["train"] + parts["val"] + parts["test"], fingerprint)
+    assert 0.85 < whole.share < 0.95 and whole.compared > 20_000

@@ -10,6 +10,8 @@ measured on these random models: f16 98-100 %, q8_0 91-100 %; asserted >= 90 % a
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -229,7 +231,8 @@ def test_export_cli(trained_run, tmp_path, capsys):
     assert reader.get_field("general.file_type").contents() == 7
     assert reader.get_field("gpt2.context_length").contents() == 32
     modelfile = (out / "Modelfile").read_text()
-    assert "FROM ./model.gguf" in modelfile and "PARAMETER num_ctx 32" in modelfile
+    assert "FROM ./model.gguf" in modelfile and "PARAMETER num_ctx 32\n" in modelfile
+    assert "PARAMETER num_predict 16\n" in modelfile  # a reply within the context, whatever Ollama pads it to
 
     for bad, expected in (
         ([], "model.gguf exists: pass --overwrite true"),  # an existing export is kept
@@ -248,6 +251,26 @@ def test_export_cli(trained_run, tmp_path, capsys):
         main(["export", "--ckpt_path", str(trained_run["ckpt"]), "--out", str(tmp_path / "hf"), "--dtype", "f16"])
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --dtype f16 applies to --format gguf only: the hf format is always f32")
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_an_export_within_its_context_and_aborts_past_it(trained_run, tmp_path, capsys):
+    """What the README says of llama.cpp and a learned-position model: the export's own command (prompt + half the
+    context) runs, and a reply past the context aborts the process (GGML_ASSERT), though n_ctx=0 starts from the
+    context the file states, as llama.cpp rounds n_ctx up to a multiple of 256. In subprocesses: the abort is real."""
+    main(["export", "--ckpt_path", str(trained_run["ckpt"]), "--out", str(tmp_path / "gguf"), "--format", "gguf"])
+    out = capsys.readouterr().out
+    assert "context 32 tokens" in out and "num_predict 16" in out and "max_tokens=16" in out
+    script = ("import sys, llama_cpp; llm = llama_cpp.Llama(sys.argv[1], n_ctx=0, n_threads=1, verbose=False); "
+              "usage = llm.create_completion('ROMEO:', max_tokens=int(sys.argv[2]), temperature=0.0)['usage']; "
+              "print(llm.n_ctx(), usage['prompt_tokens'] + usage['completion_tokens'])")
+    path = str(tmp_path / "gguf" / "model.gguf")
+    within = subprocess.run([sys.executable, "-c", script, path, "16"], capture_output=True, text=True, timeout=120)
+    assert within.returncode == 0, within.stderr[-2000:]
+    n_ctx, used = map(int, within.stdout.split())
+    assert n_ctx == 256 and 16 < used <= 32  # llama.cpp's context is padded; the model's is not
+    past = subprocess.run([sys.executable, "-c", script, path, "100"], capture_output=True, text=True, timeout=120)
+    assert past.returncode != 0 and "GGML_ASSERT(i01 >= 0 && i01 < ne01)" in past.stderr
 
 
 def test_export_cli_refuses_a_model_llama_cpp_cannot_represent(chars, tmp_path, capsys):

@@ -12,8 +12,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "project"
 LAYERS = [  # lowest first: (name, the modules and subpackages in it)
-    ("core", {"project.files", "project.extras", "project.model", "project.tokenizer", "project.decoding",
-              "project.generate"}),
+    ("core", {"project.files", "project.extras", "project.threads", "project.model", "project.tokenizer",
+              "project.decoding", "project.generate"}),
     ("data", {"project.data"}),
     ("formats", {"project.formats"}),
     ("training", {"project.training"}),

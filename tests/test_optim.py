@@ -2,18 +2,21 @@
 
 import copy
 import math
+from datetime import timedelta
 
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import Timer
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import scalars
+from project.formats.checkpoint import read_checkpoint
 from project.model import GPTConfig
 from project.training.monitoring import measure_matmul_flops
 from project.training.module import GPTModule
 from project.training.optim import (MUON_SHARDED_ERROR, CombinedOptimizer, OptimizerSettings, build_optimizer,
-                                    param_groups)
+                                    param_groups, warmup_cosine)
 
 LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=1, tie_embeddings=False)
 
@@ -101,10 +104,10 @@ class Record(Callback):
         self.restored = copy.deepcopy(trainer.optimizers[0].state_dict())  # the live tensors change in place
 
 
-def fit(module, tmp_path, max_steps, ckpt_path=None, **trainer_kwargs):
+def fit(module, tmp_path, max_steps, ckpt_path=None, callbacks=(), **trainer_kwargs):
     record = Record()
     trainer = Trainer(max_steps=max_steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[record, *callbacks],
                       default_root_dir=tmp_path, **trainer_kwargs)
     trainer.fit(module, DataLoader(batches(), batch_size=8), ckpt_path=ckpt_path)
     return trainer, record
@@ -124,6 +127,7 @@ def test_schedule_scales_both_optimizers_and_checkpoints_restore_both_states(tmp
     assert len(saved) == 2
     muon_state, adamw_state = (next(iter(s["state"].values())) for s in saved)
     assert "momentum_buffer" in muon_state and "exp_avg" in adamw_state
+    read_checkpoint(ckpt)  # the project's checked reader (every command's) accepts the pair's state as written
 
     resumed = tiny_module("muon", **LLAMA)
     _, record = fit(resumed, tmp_path, max_steps=8, ckpt_path=ckpt)
@@ -134,6 +138,53 @@ def test_schedule_scales_both_optimizers_and_checkpoints_restore_both_states(tmp
                 torch.testing.assert_close(after["state"][key][name], value)
         assert [g["lr"] for g in before["param_groups"]] == [g["lr"] for g in after["param_groups"]]
     assert record.lrs[0] != [0.02, 3e-3, 3e-3] and math.isclose(record.lrs[0][0] / 0.02, record.lrs[0][1] / 3e-3)
+
+
+def test_schedule_follows_whichever_runs_out_first_steps_or_time():
+    """With a time budget, progress is the larger of the step count and the budget's used share x total steps."""
+    shares = [0.0, 0.05, 0.5, 0.9, 1.0, 1.0]  # of the budget, when the schedule is built and after each step
+    used = [shares[0]]
+    opt, scheduler = build_optimizer(tiny_module("adamw").model, OptimizerSettings(warmup_steps=10, min_lr_ratio=0.1),
+                                     total_steps=100, time_fraction=lambda: used[0])
+    lrs = [opt.param_groups[0]["lr"]]
+    for share in shares[1:]:
+        opt.step()
+        used[0] = share
+        scheduler.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    expected = [warmup_cosine(max(step, share * 100), 10, 100, 0.1) * 1e-3 for step, share in enumerate(shares)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[1] == pytest.approx(6 / 11 * 1e-3)  # step 1, but 5% of the time: warmup as at step 5 of 100...
+    assert lrs[4] == pytest.approx(1e-4)  # ...and the budget's end is the floor, at step 4 of 100
+
+
+class SlowClock(Timer):
+    """Lightning's Timer on a clock where every optimizer step takes `seconds_per_step`: a slow machine."""
+
+    def __init__(self, budget_s: float, seconds_per_step: float) -> None:
+        super().__init__(duration=timedelta(seconds=budget_s))
+        self.seconds_per_step, self.trainer = seconds_per_step, None
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self.trainer = trainer
+
+    def time_elapsed(self, stage="train"):
+        return 0.0 if self.trainer is None else self.trainer.global_step * self.seconds_per_step
+
+
+def test_a_run_stopped_by_its_time_budget_ends_at_the_floor_learning_rate(tmp_path):
+    """max_steps 1,000 at 10 s a step in a 200 s budget: the Timer stops at step 20, and the schedule has warmed
+    up and decayed over those 20 steps, as it would over 1,000 on a fast machine."""
+    module = tiny_module("muon")  # peaks: muon 0.02, adamw 3e-3; warmup 2 of 1,000 steps
+    trainer, record = fit(module, tmp_path, max_steps=1000, callbacks=[SlowClock(200, 10.0)])
+    assert trainer.global_step == 20
+    lrs = torch.tensor(record.lrs)[:, 0] / 0.02  # the multiplier before each step
+    last = trainer.optimizers[0].param_groups[0]["lr"] / 0.02  # after the last step
+    expected = [warmup_cosine(max(step, step / 20 * 1000), 2, 1000, 0.1) for step in range(20)]
+    assert lrs.tolist() == pytest.approx(expected)
+    assert last == pytest.approx(0.1)  # the floor (min_lr_ratio), where a step-bound schedule is still at its peak
+    assert warmup_cosine(20, 2, 1000, 0.1) > 0.99
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])

@@ -84,11 +84,15 @@ def test_ctrl_c_saves_last_checkpoint(data_dir, tmp_path):
     wait_for(last, proc)
     time.sleep(1.0)  # a few more steps than the periodic checkpoint
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130  # the shell's status for SIGINT
     assert "interrupted at step" in stderr, stderr[-2000:]
     step = int(stderr.split("interrupted at step ")[1].split(":")[0])
     assert torch.load(last, weights_only=True)["global_step"] == step
+    # fit's closing report says so too, with how to continue and the checkpoint written
+    assert f"fit: interrupted (Ctrl-C) at step {step:,} of 100,000 in " in stdout, stdout
+    assert "to continue, run the same command with --ckpt_path last" in stdout
+    assert "last checkpoint: runs/gpt/version_0/checkpoints/last.ckpt" in stdout
     assert not list(last.parent.glob(".*.tmp"))
 
 

@@ -10,6 +10,7 @@ import hashlib
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from project.files import atomic_write
 from project.tokenizer import BPETokenizer, train_bpe
@@ -17,6 +18,7 @@ from project.tokenizer import BPETokenizer, train_bpe
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SPLITS = ("train", "val", "test")
+TextPart = Literal["all", "train", "val", "test"]  # the whole of a text, or one of its splits
 
 
 @dataclass(frozen=True)

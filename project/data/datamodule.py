@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from project.data import streaming
 from project.data.corpus import SHAKESPEARE_SHA256, Split, download_shakespeare, read_corpus, sha256_of
+from project.data.overlap import line_fingerprint
 from project.data.store import (STORE_FORMAT, MemmapWindows, TokenStoreRecord, store_problem,
                                 write_memmap_store)
 from project.data.windows import EvalWindows, TrainWindows
@@ -198,6 +199,14 @@ class TextDataModule(LightningDataModule):
     def vocab_size(self) -> int:
         """Linked into the model config by the CLI, so it is never typed twice."""
         return self.tokenizer.vocab_size
+
+    def training_fingerprint(self) -> torch.Tensor | None:
+        """The training split's line fingerprint (project.data.overlap), which checkpoints keep so `evaluate` can
+        warn about scoring training text; None for a streaming folder (its text is not at hand)."""
+        if self.streaming_dir:
+            return None
+        self.ensure_corpus()
+        return line_fingerprint(self.split.cut(read_corpus(self.path))["train"])
 
     def bytes_per_token(self, split: str) -> float:
         """UTF-8 bytes per token of `split`: turns nats/token into bits per byte."""

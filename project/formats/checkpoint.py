@@ -40,7 +40,9 @@ class LoadedCheckpoint:
     tokenizer: Tokenizer
     path: Path
     global_step: int = 0
-    metrics: dict = field(default_factory=dict)  # e.g. best val/loss recorded by ModelCheckpoint
+    metrics: dict = field(default_factory=dict)  # the latest validation's val/loss, val/bpb..., and "best val/loss"
+    split: dict = field(default_factory=dict)  # how training split its corpus (project.data.corpus.Split's fields)
+    training_lines: torch.Tensor | None = None  # the training text's fingerprint (project.data.overlap)
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
@@ -195,7 +197,7 @@ def value_fits(value, hint) -> bool:
 
 def check_weights(stored: dict, config: GPTConfig, path: Path) -> None:
     """The stored weights are exactly the tensors `config` builds (names and shapes), and finite."""
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
+    with torch.device("meta"), WithoutInitialisation():  # shapes only: no memory, no random numbers
         expected = GPT(config).state_dict()
     for key, tensor in stored.items():
         if not isinstance(tensor, torch.Tensor):
@@ -219,6 +221,15 @@ def check_weights(stored: dict, config: GPTConfig, path: Path) -> None:
                              "before it was saved): use an earlier checkpoint")
 
 
+def is_optimizer_state(state) -> bool:
+    """A torch optimizer's state_dict ({"state": ..., "param_groups": [...]}), or the Muon + AdamW pair's
+    (project.training.optim.CombinedOptimizer: {"optimizers": [each one's]})."""
+    if isinstance(state, dict) and set(state) == {"optimizers"}:
+        return isinstance(state["optimizers"], list) and all(is_optimizer_state(s) for s in state["optimizers"])
+    return (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and isinstance(state.get("param_groups"), list))
+
+
 def check_training_state(checkpoint: dict, path: Path) -> None:
     """Lightning's own entries, when present, have the types Lightning writes (a hand-edited or foreign one
     would fail deep inside Lightning's restore or our readers)."""
@@ -230,9 +241,7 @@ def check_training_state(checkpoint: dict, path: Path) -> None:
 
     checks = {
         "global_step": is_count, "epoch": is_count, "loops": lambda v: isinstance(v, dict), "callbacks": is_table,
-        "optimizer_states": lambda v: isinstance(v, list) and all(
-            isinstance(s, dict) and isinstance(s.get("state"), dict) and isinstance(s.get("param_groups"), list)
-            for s in v),
+        "optimizer_states": lambda v: isinstance(v, list) and all(is_optimizer_state(s) for s in v),
         "lr_schedulers": lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v),
         "bytes_per_token": lambda v: isinstance(v, dict) and all(
             isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 for n in v.values()),
@@ -246,6 +255,20 @@ def check_training_state(checkpoint: dict, path: Path) -> None:
         if key.startswith("ModelCheckpoint") and score is not None and not (
                 isinstance(score, (int, float, torch.Tensor)) and torch.as_tensor(score).numel() == 1):
             raise ValueError(f"checkpoint {path} has a malformed best_model_score in {key}")
+
+
+class WithoutInitialisation(torch.overrides.TorchFunctionMode):
+    """Skips torch.nn.init's random fills while a model is built for its shapes: on the meta device they run
+    torch's reference implementations, whose first use imports torch's compiler (seconds of every command's start)."""
+
+    SKIPPED = {torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_,
+               torch.nn.init.trunc_normal_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
@@ -268,11 +291,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model = GPT(config)
     model.load_state_dict(model_state_dict(checkpoint), strict=False)  # only a tied lm_head.weight is missing
     model.to(device).eval()
-    metrics = {}
+    stored = checkpoint.get("metrics") if isinstance(checkpoint.get("metrics"), dict) else {}  # GPTModule's
+    metrics = {k: float(v) for k, v in stored.items() if isinstance(v, (int, float))}  # last val/loss, val/bpb...
     for key, cb_state in checkpoint.get("callbacks", {}).items():
         if key.startswith("ModelCheckpoint") and cb_state.get("best_model_score") is not None:
-            metrics[cb_state.get("monitor") or "best"] = float(cb_state["best_model_score"])
-    return LoadedCheckpoint(model, tokenizer, Path(path), checkpoint.get("global_step", 0), metrics)
+            metrics[f"best {cb_state.get('monitor') or 'score'}"] = float(cb_state["best_model_score"])
+    text = checkpoint.get("training_text") if isinstance(checkpoint.get("training_text"), dict) else {}
+    lines = text.get("lines")
+    lines = lines if isinstance(lines, torch.Tensor) and lines.dtype == torch.int64 and lines.dim() == 1 else None
+    split = {k: float(v) for k, v in text["split"].items() if k in ("val_fraction", "test_fraction")
+             and isinstance(v, (int, float))} if isinstance(text.get("split"), dict) else {}
+    return LoadedCheckpoint(model, tokenizer, Path(path), checkpoint.get("global_step", 0), metrics, split, lines)
 
 
 def consolidate_checkpoint(*, ckpt_path: str, out: str) -> Path:

@@ -32,6 +32,8 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex,
                                                    StorageMeta, TensorProperties, TensorStorageMetadata)
 
+from project.formats.runs import META_FILE, METADATA_FILE  # a DCP folder's index and Lightning's meta.pt
+
 # what `.metadata` may name: unpickling builds nothing else (and torch dtypes)
 DCP_METADATA_GLOBALS = {
     *(("torch.distributed.checkpoint.metadata", name) for name in (
@@ -47,7 +49,6 @@ SHARD_FILE = re.compile(r"__\d+_\d+\.distcp")  # what FileSystemWriter names sha
 # the only non-tensor items Lightning's sharded checkpoints hold: the optimizers' param_groups settings (lr, betas,
 # eps, weight_decay, ..., the parameter names)
 SETTINGS_ITEM = re.compile(r"optimizer_\d+\.param_groups\.\d+\.[A-Za-z_][A-Za-z0-9_]*")
-METADATA_FILE, META_FILE = ".metadata", "meta.pt"
 
 
 class RefusedGlobal(pickle.UnpicklingError):

@@ -20,6 +20,12 @@ tokenizer.json. The character tokenizer becomes llama.cpp's `rwkv` tokenizer (gr
 bytes, no special tokens): every character is one token, so the ids are exactly ours. A BPE-style `gpt2`
 vocabulary would not do: llama.cpp then treats token 11 as end-of-text, and one character would stop generation.
 
+Context: the file states the context the model was trained with (`<arch>.context_length` = block_size); the
+Modelfile sets Ollama's `num_ctx` to it and caps a reply at half of it (`num_predict`). Nothing may run past it: a
+model with learned positions (gpt2) has no position embedding beyond its context, and llama.cpp reads past the
+table and aborts the process (GGML_ASSERT). `n_ctx` does not prevent that: llama.cpp rounds it up to a multiple of
+256, so a 128-token model runs with 256 (tests/test_gguf.py). Only prompt + max tokens within the context do.
+
 Precision (`dtype`): f32 keeps every tensor; f16 and q8_0 convert the matrices (1-D norms and biases, and the
 learned position table, stay f32, as llama.cpp's own converter does). q8_0 needs rows of a multiple of 32
 values; a matrix whose rows are not falls back to f16.
@@ -317,9 +323,12 @@ def modelfile_text(gguf_name: str, config: GPTConfig, eot_text: str | None) -> s
     settings = GenerationSettings()  # the project's own sampling defaults
     lines = [
         "# Ollama: ollama create NAME -f Modelfile, then ollama run NAME \"ROMEO:\"",
+        f"# the model's context is {config.block_size} tokens: prompt and reply together must fit in it (a model with",
+        "# learned positions has none beyond it), so a reply is capped at half of it, leaving the rest for the prompt",
         f"FROM ./{gguf_name}",
         'TEMPLATE """{{ .Prompt }}"""',
         f"PARAMETER num_ctx {config.block_size}",
+        f"PARAMETER num_predict {config.block_size // 2}",
         f"PARAMETER temperature {settings.temperature}",
         f"PARAMETER top_k {settings.top_k}",
     ]

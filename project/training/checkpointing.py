@@ -83,7 +83,11 @@ class LatestCheckpoint(Callback):
         if trainer.is_global_zero and self.path is not None:
             why = ("interrupted" if isinstance(exception, KeyboardInterrupt) else "stopped by SIGTERM"
                    if isinstance(exception, SIGTERMException) else f"stopped by {type(exception).__name__}")
-            log.info("%s at step %d: saved %s; resume with --ckpt_path last", why, trainer.global_step, self.path)
+            facts = [f"{trainer.global_step:,} of {trainer.max_steps:,} steps done"] if trainer.max_steps > 0 else []
+            facts += [f"last validation {name} {float(trainer.callback_metrics[name]):.4f}"
+                      for name in ("val/loss", "val/bpb") if name in trainer.callback_metrics]
+            log.info("%s at step %d: saved %s (%s); to continue, run the same command with --ckpt_path last", why,
+                     trainer.global_step, self.path, ", ".join(facts) or "no validation yet")
 
 
 def remove_killed_run_leftovers(trainer: Trainer) -> list[Path]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric
 
 from project.generate import GenerationSettings, complete_batch
@@ -93,6 +95,7 @@ class GPTModule(LightningModule):
             check_hf_config(init_from, config)  # ValueError naming the HF config when it does not match
         self.tokenizer: Tokenizer | None = None  # from the data module, or restored from a checkpoint
         self.bytes_per_token: dict[str, float] = {}  # per evaluation split, for bits per byte
+        self.training_text: dict = {}  # the corpus's Split and the training split's fingerprint, for checkpoints
         self.eval_loss = MeanMetric()
         self.eval_ppl = PerplexityFromLoss()
 
@@ -146,12 +149,20 @@ class GPTModule(LightningModule):
             self.tokenizer = datamodule.tokenizer
             splits = ("val",) if stage != "test" else ("test",)
             self.bytes_per_token.update({split: datamodule.bytes_per_token(split) for split in splits})
+        if datamodule is not None and stage == "fit":
+            lines = datamodule.training_fingerprint()
+            self.training_text = {"split": asdict(datamodule.split), **({"lines": lines} if lines is not None else {})}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.tokenizer is not None:
             checkpoint["tokenizer"] = self.tokenizer.state_dict()
         if self.bytes_per_token:
             checkpoint["bytes_per_token"] = dict(self.bytes_per_token)
+        if self.training_text:  # how the corpus was split, and what the model trained on (`evaluate` checks it)
+            checkpoint["training_text"] = self.training_text
+        # the latest validation's figures, so a loaded checkpoint can say how good it is (the app's model table)
+        logged = self.trainer.callback_metrics
+        checkpoint["metrics"] = {name: float(logged[name]) for name in (VAL_LOSS, VAL_PPL, VAL_BPB) if name in logged}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "tokenizer" in checkpoint:
@@ -193,12 +204,15 @@ class GPTModule(LightningModule):
 
     def log_evaluation(self, split: str) -> None:
         """Log <split>/loss, <split>/ppl and <split>/bpb (bits per byte of the text) for the epoch, then reset."""
-        loss = self.eval_loss.compute()  # already reduced over ranks: torchmetrics syncs its states
-        self.log(f"{split}/loss", loss, prog_bar=split == "val")
-        self.log(f"{split}/ppl", self.eval_ppl.compute())
+        # torchmetrics has reduced these over the ranks already, so every rank logs the same value; sync_dist
+        # averages those equal values, which changes nothing and tells Lightning they are global (it warns otherwise)
+        loss = self.eval_loss.compute()
+        self.log(f"{split}/loss", loss, prog_bar=split == "val", sync_dist=True)
+        self.log(f"{split}/ppl", self.eval_ppl.compute(), sync_dist=True)
         if self.bytes_per_token.get(split):
             # nats/token -> bits/token -> bits/byte of the original text: comparable across tokenizers
-            self.log(f"{split}/bpb", loss / math.log(2) / self.bytes_per_token[split], prog_bar=split == "val")
+            self.log(f"{split}/bpb", loss / math.log(2) / self.bytes_per_token[split], prog_bar=split == "val",
+                     sync_dist=True)
         self.eval_loss.reset()
         self.eval_ppl.reset()
 
@@ -240,5 +254,26 @@ class GPTModule(LightningModule):
             self.model, self.optimizer_settings, total_steps=self.trainer.estimated_stepping_batches,
             fused=self.device.type in ("cuda", "cpu") and not loss_scaled,
             sharded=self.device_mesh is not None or is_sharded(self.model),
+            time_fraction=budget_fraction(self.trainer),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def budget_fraction(trainer) -> Callable[[], float] | None:
+    """With `--trainer.max_time`, a function giving the share of that budget used so far (0 to 1), read from the
+    Trainer's Timer callback, the clock that stops the run; None without a time limit.
+
+    The schedule follows whichever runs out first, steps or time (`build_optimizer`), so a run stopped by the
+    clock ends at the floor learning rate instead of near its peak: on a slow or busy machine the last
+    checkpoint is then the best the budget allows. A resumed run continues the clock where it stopped.
+    """
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is None or timer.time_remaining() is None:
+        return None
+
+    def fraction() -> float:
+        elapsed = timer.time_elapsed()  # the training stage, resumed time included
+        budget = elapsed + timer.time_remaining()
+        return min(1.0, elapsed / budget) if budget > 0 else 1.0
+
+    return fraction

@@ -1,6 +1,5 @@
-"""Watching a run: a text sample after each validation, tokens/s and MFU, and a progress bar counted in steps.
-
-Tokens/s and the bar's loss are read once per logging interval, through project/training/step_stats.py."""
+"""Watching a run: a text sample after each validation, tokens/s and MFU, TensorBoard events by step, and a
+progress bar counted in steps."""
 
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from project.generate import complete_batch
@@ -46,8 +46,8 @@ class TextSampleCallback(Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or pl_module.tokenizer is None:
-            return
+        if trainer.sanity_checking or pl_module.tokenizer is None or trainer.state.fn != TrainerFn.FITTING:
+            return  # `validate` has no TensorBoard run to log a sample into
         reason = sample_skip_reason(trainer.strategy)
         if reason is not None:
             rank_zero_warn(f"no text samples are logged: {reason}")  # Python's warnings show it once
@@ -156,6 +156,36 @@ class TokenThroughput(IntervalCallback):
         return logged
 
 
+class LearningRates(IntervalCallback):
+    """The learning rates in use, logged each logging interval beside the loss in TensorBoard's `train` group:
+    `train/lr` (AdamW's groups) and, with Muon, `train/lr_muon`. Read on the host from the optimizer's param groups
+    (named by project.training.optim), so they add nothing to the interval's one sync."""
+
+    TAGS = {"decay": "train/lr", "muon": "train/lr_muon"}  # param group name -> tag (no_decay shares decay's)
+
+    def on_interval(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float],
+                    seconds: float) -> dict[str, float]:
+        return {self.TAGS[group["name"]]: group["lr"] for optimizer in trainer.optimizers
+                for group in optimizer.param_groups if group.get("name") in self.TAGS}
+
+
+class RunLogger(TensorBoardLogger):
+    """TensorBoard events of a run, by optimizer step: the configs' logger.
+
+    Lightning's TensorBoardLogger with two series left out that only look like results: `epoch` (added to every
+    logging call, flat at 0 for a step-bound run over an endless stream) and the placeholder `hp_metric` (-1). So
+    TensorBoard opens on the `train` group (loss, learning rates, tokens/s) and `val` (loss, ppl, bits per byte).
+    """
+
+    def __init__(self, save_dir: str = "runs", name: str | None = "gpt", version: int | str | None = None,
+                 default_hp_metric: bool = False, **kwargs) -> None:
+        super().__init__(save_dir, name=name, version=version, default_hp_metric=default_hp_metric, **kwargs)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+
 class StepProgressBar(TQDMProgressBar):
     """The training bar of a step-bound run (max_steps set, max_epochs not): optimizer steps out of max_steps,
     the training loss and tokens/s of the latest logging interval (from `StepStats`), instead of Lightning's
@@ -169,12 +199,16 @@ class StepProgressBar(TQDMProgressBar):
     def step_bound(trainer: Trainer) -> bool:
         return trainer.max_epochs in (None, -1) and trainer.max_steps > 0
 
+    @property
+    def train_description(self) -> str:
+        return "Training steps" if self.step_bound(self.trainer) else super().train_description
+
     def on_train_epoch_start(self, trainer: Trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        if self.step_bound(trainer):
-            self.train_progress_bar.reset(total=trainer.max_steps)
-            self.train_progress_bar.update(trainer.global_step)  # a resumed run starts where it stopped
-            self.train_progress_bar.set_description("Training steps")
+        if not self.step_bound(trainer):
+            return super().on_train_epoch_start(trainer, *args)
+        # one bar for the whole run, never redrawn as Lightning's "Epoch 0: 0/N" first
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.update(trainer.global_step)  # a resumed run starts where it stopped
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if not self.step_bound(trainer):

@@ -9,6 +9,7 @@ the weights are sharded or the loss is scaled); tests and scripts call `build_op
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -20,6 +21,9 @@ from project.model import GPT
 @dataclass
 class OptimizerSettings:
     """The optimizer and its learning-rate schedule (warmup, then cosine decay to a floor).
+
+    The schedule runs over the Trainer's steps, or over its time budget (`--trainer.max_time`) when that runs out
+    first: see `build_optimizer`.
 
     Args:
         name: "adamw" for every parameter, or "muon": torch.optim.Muon for the blocks' weight matrices
@@ -78,8 +82,12 @@ MUON_SHARDED_ERROR = ("--model.optimizer.name muon is not supported under ModelP
                       "or configs/strategy/ddp.yaml")
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`."""
+def warmup_cosine(step: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to `min_lr_ratio` at `total_steps`.
+
+    `step` may be fractional: a time-bound run passes the step its elapsed share of the budget stands for
+    (`build_optimizer`'s `time_fraction`).
+    """
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -145,9 +153,14 @@ def param_groups(model: GPT, muon: bool = False) -> dict[str, list[torch.nn.Para
 
 
 def build_optimizer(model: GPT, settings: OptimizerSettings, total_steps: int, *, fused: bool = False,
-                    sharded: bool = False) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+                    sharded: bool = False, time_fraction: Callable[[], float] | None = None,
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (or Muon for the blocks' matrices + AdamW for the rest) and its warmup + cosine schedule over
     `total_steps`.
+
+    `time_fraction` (the share of a wall-clock budget used so far, 0 to 1) makes the schedule budget-aware: its
+    progress is the larger of the step count and `time_fraction() * total_steps`, so a run that a time limit stops
+    before `total_steps` still warms up, decays and ends at the floor as its time runs out.
 
     `fused` asks for the fused AdamW kernel: pass False under a loss scaler (fp16 "16-mixed"), since a fused step
     unscales gradients itself and so cannot be clipped in between. `sharded` (ModelParallelStrategy: the weights
@@ -164,7 +177,9 @@ def build_optimizer(model: GPT, settings: OptimizerSettings, total_steps: int, *
         muon = torch.optim.Muon([{"params": params["muon"], "name": "muon"}], lr=settings.muon_lr,
                                 weight_decay=settings.muon_weight_decay, momentum=settings.muon_momentum)
         built = CombinedOptimizer([muon, built])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        built, lambda step: warmup_cosine(step, settings.warmup_steps, total_steps, settings.min_lr_ratio)
-    )
-    return built, scheduler
+
+    def multiplier(step: int) -> float:
+        progress = step if time_fraction is None else max(step, time_fraction() * total_steps)
+        return warmup_cosine(progress, settings.warmup_steps, total_steps, settings.min_lr_ratio)
+
+    return built, torch.optim.lr_scheduler.LambdaLR(built, multiplier)

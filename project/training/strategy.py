@@ -25,15 +25,14 @@ best-stepN.ckpt) become links to step folders, replaced atomically:
       last.ckpt -> step-000000120
       best-step100.ckpt -> step-000000100
 
-A folder named step-N is complete by construction (the rename is the commit); `latest_step_folder` finds the
-newest one, which is what `--ckpt_path last` resumes. Older ones are deleted beyond `keep_checkpoints`, except
-those a link names and the one this run resumed from.
+A folder named step-N is complete by construction (the rename is the commit); the newest one is what `--ckpt_path
+last` resolves to in every command (project/formats/runs.py, where these names are defined). Older ones are deleted
+beyond `keep_checkpoints`, except those a link names and the one this run resumed from.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -41,31 +40,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from project.files import atomic_path, remove_path, temporary_path
 from project.formats.checkpoint import load_weights_only
-from project.formats.dcp import META_FILE, METADATA_FILE, load_dcp, read_dcp_metadata
-
-STEP_FOLDER = re.compile(r"step-(\d{9})")
-
-
-def step_folder_name(step: int) -> str:
-    return f"step-{step:09d}"
-
-
-def is_step_folder(path: Path) -> bool:
-    """A complete step folder: named step-N (renamed so only once complete), with its index and meta.pt."""
-    return (STEP_FOLDER.fullmatch(path.name) is not None and path.is_dir() and not path.is_symlink()
-            and (path / METADATA_FILE).is_file() and (path / META_FILE).is_file())
-
-
-def step_folders(folder: Path) -> list[Path]:
-    """The complete step folders in `folder`, oldest first."""
-    return sorted((p for p in folder.iterdir() if is_step_folder(p)), key=lambda p: p.name) if folder.is_dir() else []
-
-
-def latest_step_folder(folder: Path) -> Path | None:
-    """The newest complete step folder in `folder` (a checkpoints folder), or None."""
-    folders = step_folders(folder)
-    return folders[-1] if folders else None
-
+from project.formats.dcp import META_FILE, load_dcp, read_dcp_metadata
+from project.formats.runs import step_folder_name, step_folders
 
 class ShardedStrategy(ModelParallelStrategy):
     """ModelParallelStrategy (a device mesh of data_parallel_size x tensor_parallel_size) whose checkpoints are saved
