@@ -27,6 +27,7 @@ from project.threads import configure_threads  # first: its clock starts with th
 from project.data.corpus import TextPart
 from project.data.streaming import prepare_corpus  # imports litdata only when it runs
 from project.data.shakespeare_tasks import build_finetune_data
+from project.decoding import Decoder, InferenceDtype, cast_for_inference
 from project.formats.checkpoint import consolidate_checkpoint, load_model, save_merged
 from project.formats.gguf import GGUFDtype
 from project.formats.runs import resolve_checkpoint
@@ -38,6 +39,9 @@ PROG = "python -m project"  # the name usage lines show (the `gpt` script runs t
 # MisconfigurationException, for settings it cannot honour: see `user_errors`)
 USER_ERRORS = (ValueError, ConnectionError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
                IsADirectoryError)
+# new tokens from which `generate` compiles its step by default: a compiled step saves about a millisecond a token on
+# a CPU, and compiling costs seconds with a warm inductor cache (benchmarks/README.md, "Generation")
+COMPILE_PAYS_FROM = 4_000
 UNSTREAMED_TOKEN_LIMIT = 100_000  # `generate` without --stream prints nothing before the end: a count one can wait for
 MEMORY_HINT = ("lower --model.config.block_size, n_embd or n_layer, --data.batch_size, or the generation's "
                "--max_new_tokens")
@@ -58,7 +62,7 @@ def out_of_memory(err: BaseException) -> bool:
 
 def generate_command(*, ckpt_path: str, prompt: str = "\n", chat: bool = False,
                      generation: GenerationSettings = GenerationSettings(), stream: bool = False,
-                     device: str = "cpu") -> None:
+                     device: str = "cpu", dtype: InferenceDtype = "float32", compile: bool | None = None) -> None:
     """Generate text from a checkpoint and print it (as it is produced with --stream true).
 
     Args:
@@ -70,6 +74,11 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", chat: bool = False,
         generation: sampling settings (--generation.temperature 0 is greedy).
         stream: print text as it is generated (without it, the whole text once it is complete).
         device: torch device, e.g. cpu or cuda.
+        dtype: the weights' precision while generating: float32, bfloat16 (half the bytes; logits within a few
+            hundredths of float32's) or float16.
+        compile: compile the decoding step first (torch.compile; its time is printed on stderr, seconds once the
+            compiler's cache is warm) for the fastest tokens; false starts at once. Default: compile when
+            --generation.max_new_tokens is at least COMPILE_PAYS_FROM, where the faster steps repay the compilation.
     """
     from project.generate import stream as stream_text
 
@@ -87,7 +96,13 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", chat: bool = False,
         shown = ""
         prompt, _ = loaded.template.encode([{"role": "user", "content": prompt}], loaded.tokenizer,
                                            add_generation_prompt=True)
-    pieces = stream_text(loaded.model, loaded.tokenizer, prompt, generation)
+    model = cast_for_inference(loaded.model, dtype)
+    if compile is None:
+        compile = generation.max_new_tokens >= COMPILE_PAYS_FROM
+    pieces = stream_text(model, loaded.tokenizer, prompt, generation, compile=compile)  # checks the prompt
+    if compile:  # paid before the first token, and said apart from it
+        seconds = Decoder(model, slots=1, compile=True).warm_up()
+        print(f"compiled the decoding step in {seconds:.1f} s", file=sys.stderr, flush=True)
     first = next(pieces, "")  # checks the prompt and settings before anything is printed
     if not stream:
         pieces = iter(["".join(pieces)])  # the whole text, printed at once
@@ -209,9 +224,11 @@ def serve_command(
     api_key: str | None = None,
     model_name: str = "gpt",
     max_prompt_chars: int = 2000,
-    concurrency_limit: int = 2,
+    slots: int = 8,
     max_queue: int = 32,
     device: str = "cpu",
+    dtype: InferenceDtype = "float32",
+    compile: bool = True,
 ) -> None:
     """Serve the Gradio app at / and an OpenAI-compatible API under /v1, on one port.
 
@@ -224,13 +241,15 @@ def serve_command(
             PROJECT_API_KEY environment variable, which keeps it out of the process list.
         model_name: the model's id in the API (`model` in requests, /v1/models).
         max_prompt_chars: longest prompt the page accepts, in characters.
-        concurrency_limit: page requests processed at once; the rest wait in the queue.
-        max_queue: page requests that may wait; beyond this the page asks to try again.
+        slots: requests decoded together (the API's and the page's), each with its own KV cache slot.
+        max_queue: requests that may wait for a slot; beyond this the API answers 429 with Retry-After and the
+            page asks to try again.
         device: torch device, e.g. cpu or cuda.
+        dtype: the weights' precision while serving: float32, bfloat16 (half the bytes; logits within a few
+            hundredths of float32's) or float16.
+        compile: compile the decoding step at start-up (torch.compile; its time is printed) for the fastest tokens.
     """
-    import uvicorn
-
-    from project.serve.server import API_KEY_ENV, build_server, check_can_listen, is_loopback  # gradio when built
+    from project.serve.server import API_KEY_ENV, build_server, check_can_listen, is_loopback, run_server
 
     check_can_listen(host, port)  # a busy port or unknown host: one line, before the model is loaded
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -239,10 +258,15 @@ def serve_command(
                          f"{API_KEY_ENV}, or keep the default --host 127.0.0.1")
     configure_threads()
     loaded = load_model(resolve_checkpoint(ckpt_path), device=device)
+    cast_for_inference(loaded.model, dtype)
     server = build_server(loaded, api_key=api_key, model_name=model_name, max_prompt_chars=max_prompt_chars,
-                          concurrency_limit=concurrency_limit, max_queue=max_queue)
-    print(f"serving {loaded.path} on http://{host}:{port}: the page at /, the OpenAI API at /v1", flush=True)
-    uvicorn.run(server, host=host, port=port, log_level="warning")
+                          slots=slots, max_waiting=max_queue, compile=compile)
+    scheduler = server.state.scheduler
+    if compile:
+        print(f"compiled the decoding step in {scheduler.compile_seconds:.1f} s", flush=True)
+    print(f"serving {loaded.path} on http://{host}:{port}: the page at /, the OpenAI API at /v1 ({slots} requests "
+          f"decoded together, {max_queue} more may wait)", flush=True)
+    run_server(server, host, port, scheduler)
 
 
 def evaluate_command(
@@ -513,6 +537,8 @@ def main(argv: list[str] | None = None) -> None:
             raise  # our bug: the traceback is the report
         print(f"error: not enough memory ({one_line(err)[:160]}): {MEMORY_HINT}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C (serve re-raises it once its requests are ended): no traceback
+        sys.exit(128 + signal.SIGINT)
     except SystemExit as err:
         # Lightning ends a fit stopped by SIGTERM (last.ckpt saved) with SIGTERMException, a SystemExit of status 0;
         # the shell convention for "terminated" is 128 + 15 (the module is loaded if Lightning ran at all)

@@ -64,6 +64,17 @@ def test_steps_per_budget_then_quality_for_those_steps(tmp_path, shakespeare_pat
 
 
 @pytest.mark.slow
+def test_serving_benchmark_reports_every_level_and_identical_answers(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve.py"), "--quick", "--no-compile",
+                             "--clients", "1", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| 1 |", "| 4 |"))]
+    assert len(rows) == 2 and all(float(row[2].replace(",", "")) > 0 for row in rows), result.stdout
+    assert all(row[6].strip() == "8/8" for row in rows)  # greedy: every answer as the single client's
+
+
+@pytest.mark.slow
 def test_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
     """benchmarks/gpu.py --cpu-smoke: the GPU benchmark's every step on a CPU (a tiny model, 6 steps): the fit
     through the CLI with its probe, the validation step's memory both ways, generate and export."""

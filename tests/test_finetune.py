@@ -5,6 +5,7 @@ exports (transformers with its chat_template, PEFT adapters)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import io
@@ -248,8 +249,8 @@ def test_lora_instruction_tuning_end_to_end(capsys, monkeypatch, bases, tasks, t
     answer = bpe.decode(answer[: answer.index(bpe.eot_id)] if bpe.eot_id in answer else answer)
     prompts = []  # what generate --chat hands the sampler: the template's ids
     real_stream = project.generate.stream
-    monkeypatch.setattr(project.generate, "stream", lambda m, t, prompt, s: prompts.append(prompt) or
-                        real_stream(m, t, prompt, s))
+    monkeypatch.setattr(project.generate, "stream", lambda m, t, prompt, s, **kwargs: prompts.append(prompt) or
+                        real_stream(m, t, prompt, s, **kwargs))
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         code, _ = run_main(capsys, "generate", "--ckpt_path", str(ckpt), "--chat", "true", "--prompt",
                            "Which character speaks these lines?", "--generation.max_new_tokens", "8",
@@ -378,13 +379,23 @@ def library_answer(loaded, messages: list[dict], max_new_tokens: int = 6) -> tup
     return ids, loaded.tokenizer.decode(tokens[: tokens.index(eot)] if eot in tokens else tokens)
 
 
-def test_chat_completions_use_the_checkpoints_template(chat_model):
+@pytest.fixture
+def chat_scheduler(chat_model):
+    """The server's scheduler decoding on the chat model (what `serve` runs the page and the API through)."""
+    from project.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(chat_model.model, slots=2).start()
+    yield scheduler
+    scheduler.close()
+
+
+def test_chat_completions_use_the_checkpoints_template(chat_model, chat_scheduler):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
     from project.serve.openai_api import add_openai_routes
 
-    client = TestClient(add_openai_routes(FastAPI(), chat_model))
+    client = TestClient(add_openai_routes(FastAPI(), chat_model, chat_scheduler))
     messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Who speaks?"},
                 {"role": "assistant", "content": "ROMEO"}, {"role": "user", "content": "And now?"}]
     reply = client.post("/v1/chat/completions", json={"model": "gpt", "messages": messages, "temperature": 0,
@@ -395,11 +406,13 @@ def test_chat_completions_use_the_checkpoints_template(chat_model):
     assert reply["choices"][0]["message"]["content"] == answer
 
 
-def test_the_page_answers_instructions_through_the_template(chat_model):
+def test_the_page_answers_instructions_through_the_template(chat_model, chat_scheduler):
     from project.serve.page import App
 
-    app = App(chat_model)
-    *_, (text, status) = app.generate("Who speaks?", 6, 0.0, 0, 1.0, 1)
+    async def collect():
+        return [update async for update in App(chat_model, chat_scheduler).generate("Who speaks?", 6, 0.0, 0, 1.0, 1)]
+
+    *_, (text, status) = asyncio.run(collect())
     assert status.startswith("done") and text == library_answer(chat_model, [{"role": "user", "content": "Who speaks?"}])[1]
 
 
