@@ -12,8 +12,9 @@ f32 GGUF file by `project.formats.gguf` (the mapping `export --format gguf` uses
 threads as torch and its default (float16) KV cache. Its vocabulary is a stand-in (one character per id):
 decoding speed does not depend on the tokenizer.
 
-    python benchmarks/generate.py                      # configs/shakespeare.yaml's model (GPT-2 BPE), block 512
-    python benchmarks/generate.py --model char         # configs/shakespeare-char.yaml's model (65 characters)
+    python benchmarks/generate.py                      # configs/shakespeare.yaml's model (4,096-token BPE), block 128
+    python benchmarks/generate.py --model char         # configs/shakespeare-char.yaml's model (65 characters), block 256
+    python benchmarks/generate.py --model gpt2         # configs/shakespeare.yaml's shape with GPT-2's 50,257 tokens
     python benchmarks/generate.py --quick              # a small smoke run (seconds)
 
 Tokens/s counts new tokens only (batch * max_new_tokens / wall time), prefill included.
@@ -55,17 +56,17 @@ def cpu_name() -> str:
 
 
 # a shipped config's model and its vocabulary size on TinyShakespeare
-MODELS = {"bpe": ("shakespeare.yaml", 50257), "char": ("shakespeare-char.yaml", 65)}
+MODELS = {"bpe": ("shakespeare.yaml", 4096), "char": ("shakespeare-char.yaml", 65), "gpt2": ("shakespeare.yaml", 50257)}
 REPO = Path(__file__).resolve().parents[1]
 
 
 def model_config(name: str) -> GPTConfig:
-    """The model of a shipped config, with a 512-token context so that 256 + 256 tokens fit."""
+    """The model of a shipped config (its context too: the prompt and the new tokens default to half of it each)."""
     import yaml
 
     file, vocab_size = MODELS[name]
     shape = yaml.safe_load((REPO / "configs" / file).read_text())["model"]["config"]
-    return GPTConfig(**{**shape, "vocab_size": vocab_size, "block_size": 512})
+    return GPTConfig(**{**shape, "vocab_size": vocab_size, "dropout": 0.0})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-hf", action="store_true", help="leave out transformers")
     parser.add_argument("--skip-sampling", action="store_true", help="greedy rows only (no top-k rows)")
     parser.add_argument("--model", choices=list(MODELS), default="bpe",
-                        help="whose model shape: configs/shakespeare.yaml (bpe) or configs/shakespeare-char.yaml (char)")
+                        help="whose model: configs/shakespeare.yaml (bpe, the default; gpt2: with GPT-2's vocabulary) "
+                             "or configs/shakespeare-char.yaml (char)")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the compiled decoding row")
     parser.add_argument("--skip-llama-cpp", action="store_true", help="leave out llama.cpp on the exported GGUF")
     args = parser.parse_args(argv)
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         prompt_len, new_tokens, repeats = args.prompt_len or 16, args.new_tokens or 16, args.repeats or 1
     else:
         config = model_config(args.model)
-        prompt_len, new_tokens, repeats = args.prompt_len or 256, args.new_tokens or 256, args.repeats or 5
+        half = config.block_size // 2
+        prompt_len, new_tokens, repeats = args.prompt_len or half, args.new_tokens or half, args.repeats or 5
     nocache_repeats = args.nocache_repeats or min(repeats, 3)
     nocache_batches = set(args.nocache_batch_sizes or args.batch_sizes)
     torch.manual_seed(0)

@@ -52,18 +52,8 @@ class GPTCLI(LightningCLI):
     """LightningCLI with the project's always-on callbacks and the data -> model argument links."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # each of these is configurable from YAML or flags, e.g. --last_checkpoint.every_n_train_steps 500
-        # (the best checkpoint by val/loss; last.ckpt beside it: project/training/checkpointing.py)
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({
-            "checkpoint.monitor": VAL_LOSS, "checkpoint.mode": "min", "checkpoint.save_top_k": 1,
-            "checkpoint.filename": "best-step{step}", "checkpoint.auto_insert_metric_name": False,
-        })
-        parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
+        add_run_callbacks(parser)
         parser.add_lightning_class_args(TextSampleCallback, "samples")
-        parser.add_lightning_class_args(TokenThroughput, "throughput")
-        parser.add_lightning_class_args(PredictionWriter, "predictions")
-        parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")  # --nan_guard.action stop|skip
         # the vocabulary is known by the data (tokenizer); the context length by the model
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
         parser.link_arguments("model.config.block_size", "data.block_size")
@@ -89,7 +79,16 @@ class GPTCLI(LightningCLI):
             resolve_named_checkpoint(config, subcommand)
         # a missing, truncated, foreign or crafted checkpoint: one-line error here, before anything is built
         checkpoint = read_checkpoint(config.ckpt_path, weights=False)  # a DCP folder: its index, not its shards
-        # the checkpoint's settings become the defaults, so config files and flags are what differs from it
+        self.settle(parser, args, subcommand, config, checkpoint)
+
+    def settle(self, parser: LightningArgumentParser, args, subcommand: str, config, checkpoint: dict) -> None:
+        """A pretrained model's checkpoint (fine-tuned ones are `python -m project finetune`'s): its settings become
+        the defaults, so config files and flags are what differs from it (`settle_with_checkpoint`)."""
+        task = checkpoint["hyper_parameters"].get("task")
+        if task is not None:
+            raise ValueError(f"checkpoint {config.ckpt_path} is fine-tuned (task={task}): use python -m project "
+                             f"finetune {subcommand} --ckpt_path {config.ckpt_path} (generate, serve and export "
+                             "take it as it is)")
         parser.set_defaults({f"{subcommand}.{key}": value for key, value in checkpoint_settings(checkpoint).items()})
         given = parser.parse_args(args)[subcommand]
         for key in SETTLED_KEYS:
@@ -140,6 +139,21 @@ class GPTCLI(LightningCLI):
         if ckpt_path:
             check_checkpoint_reader(trainer.strategy, ckpt_path)
         return trainer
+
+
+def add_run_callbacks(parser: LightningArgumentParser) -> None:
+    """The callbacks of every run, each configurable from YAML or flags (--last_checkpoint.every_n_train_steps 500):
+    the best checkpoint by val/loss and last.ckpt beside it (project/training/checkpointing.py), tokens/s,
+    predict's writer and the NaN guard."""
+    parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+    parser.set_defaults({
+        "checkpoint.monitor": VAL_LOSS, "checkpoint.mode": "min", "checkpoint.save_top_k": 1,
+        "checkpoint.filename": "best-step{step}", "checkpoint.auto_insert_metric_name": False,
+    })
+    parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
+    parser.add_lightning_class_args(TokenThroughput, "throughput")
+    parser.add_lightning_class_args(PredictionWriter, "predictions")
+    parser.add_lightning_class_args(NonFiniteLossGuard, "nan_guard")  # --nan_guard.action stop|skip
 
 
 def add_step_progress_bar(trainer_config) -> None:
@@ -358,6 +372,34 @@ def resolve_named_checkpoint(config, subcommand: str) -> None:
     log.info("%s %s", "resuming from" if subcommand == "fit" else "checkpoint:", path)
 
 
+class FinetuneCLI(GPTCLI):
+    """`python -m project finetune fit|validate|test|predict`: FineTuneModule and FineTuneDataModule, with the same
+    callbacks, run folders and checkpoint checks as the other commands. The architecture, tokenizer and context
+    come from the base model (--model.init_from), so nothing is linked from the data."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        add_run_callbacks(parser)
+
+    def settle(self, parser: LightningArgumentParser, args, subcommand: str, config, checkpoint: dict) -> None:
+        """A fine-tuned checkpoint only: it carries its task, template, classes and base, which LightningCLI
+        applies as the model's settings."""
+        if checkpoint["hyper_parameters"].get("task") is None:
+            raise ValueError(f"checkpoint {config.ckpt_path} is not fine-tuned: fine-tune it with --model.init_from "
+                             f"{config.ckpt_path} (--ckpt_path resumes or evaluates a fine-tuned checkpoint)")
+
+
+def trainer_defaults(run_name: str) -> dict:
+    """The Trainer settings of every run: TensorBoard under runs/<run_name>, clipping, atomic checkpoint files."""
+    return {
+        "logger": {"class_path": "project.training.monitoring.RunLogger",
+                   "init_args": {"save_dir": "runs", "name": run_name}},
+        "gradient_clip_val": 1.0,
+        "plugins": [{"class_path": "project.training.checkpointing.AtomicCheckpointIO"}],  # files written atomically
+        "enable_model_summary": False,  # RunReport's start line says the size; Lightning's table mis-sizes bf16
+    }
+
+
+
 def quiet_library_noise() -> None:
     """Silence, narrowly, what Lightning and torch print on every run that a user can do nothing about."""
     # Lightning 2.6's own pytree helper builds torch's LeafSpec, which torch 2.13 deprecates (fixed in Lightning,
@@ -387,15 +429,27 @@ def run_lightning(args: list[str] | None, descriptions: dict[str, str] | None = 
         GPTModule,
         TextDataModule,
         args=args,
-        trainer_defaults={
-            "logger": {"class_path": "project.training.monitoring.RunLogger",
-                       "init_args": {"save_dir": "runs", "name": "gpt"}},
-            "gradient_clip_val": 1.0,
-            "plugins": [{"class_path": "project.training.checkpointing.AtomicCheckpointIO"}],  # files written atomically
-            "enable_model_summary": False,  # RunReport's start line says the size; Lightning's table mis-sizes bf16
-        },
+        trainer_defaults=trainer_defaults("gpt"),
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,
         parser_kwargs={"default_env": False, "prog": PROG,
                        **{name: {"description": text} for name, text in (descriptions or {}).items()}},
+    ).trainer
+
+
+def run_finetune(args: list[str] | None) -> Trainer:
+    """`finetune fit|validate|test|predict` with `args` (None: sys.argv), project/training/finetune.py; returns the
+    Trainer."""
+    from project.data.finetune import FineTuneDataModule
+    from project.training.finetune import FineTuneModule
+
+    quiet_library_noise()
+    return FinetuneCLI(
+        FineTuneModule,
+        FineTuneDataModule,
+        args=args,
+        trainer_defaults=trainer_defaults("finetune"),
+        save_config_kwargs={"overwrite": True},
+        parser_class=OneLineErrorParser,
+        parser_kwargs={"default_env": False, "prog": f"{PROG} finetune"},
     ).trainer

@@ -26,7 +26,9 @@ from project.threads import configure_threads  # first: its clock starts with th
 # project.cli, when they run), so `--help` and the commands that do not train start in seconds
 from project.data.corpus import TextPart
 from project.data.streaming import prepare_corpus  # imports litdata only when it runs
-from project.formats.checkpoint import consolidate_checkpoint, load_model
+from project.data.shakespeare_tasks import build_finetune_data
+from project.decoding import Decoder, InferenceDtype, cast_for_inference
+from project.formats.checkpoint import consolidate_checkpoint, load_model, save_merged
 from project.formats.gguf import GGUFDtype
 from project.formats.runs import resolve_checkpoint
 from project.generate import GenerationSettings
@@ -37,6 +39,9 @@ PROG = "python -m project"  # the name usage lines show (the `gpt` script runs t
 # MisconfigurationException, for settings it cannot honour: see `user_errors`)
 USER_ERRORS = (ValueError, ConnectionError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
                IsADirectoryError)
+# new tokens from which `generate` compiles its step by default: a compiled step saves about a millisecond a token on
+# a CPU, and compiling costs seconds with a warm inductor cache (benchmarks/README.md, "Generation")
+COMPILE_PAYS_FROM = 4_000
 UNSTREAMED_TOKEN_LIMIT = 100_000  # `generate` without --stream prints nothing before the end: a count one can wait for
 MEMORY_HINT = ("lower --model.config.block_size, n_embd or n_layer, --data.batch_size, or the generation's "
                "--max_new_tokens")
@@ -55,17 +60,25 @@ def out_of_memory(err: BaseException) -> bool:
     return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
-def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: GenerationSettings = GenerationSettings(),
-                     stream: bool = False, device: str = "cpu") -> None:
+def generate_command(*, ckpt_path: str, prompt: str = "\n", chat: bool = False,
+                     generation: GenerationSettings = GenerationSettings(), stream: bool = False,
+                     device: str = "cpu", dtype: InferenceDtype = "float32", compile: bool | None = None) -> None:
     """Generate text from a checkpoint and print it (as it is produced with --stream true).
 
     Args:
-        ckpt_path: `last` or `best` (the newest run's, under runs/), a .ckpt written by `python -m project fit`, a
-            distributed checkpoint folder, or a transformers directory written by `python -m project export`.
-        prompt: text to continue.
+        ckpt_path: `last` or `best` (the newest run's, under runs/), a .ckpt written by `python -m project fit` or
+            `finetune fit`, a distributed checkpoint folder, or a transformers directory written by `python -m
+            project export`.
+        prompt: text to continue; with --chat true, the instruction to answer.
+        chat: answer `prompt` as an instruction-tuned model does, through its prompt template, and print the answer.
         generation: sampling settings (--generation.temperature 0 is greedy).
         stream: print text as it is generated (without it, the whole text once it is complete).
         device: torch device, e.g. cpu or cuda.
+        dtype: the weights' precision while generating: float32, bfloat16 (half the bytes; logits within a few
+            hundredths of float32's) or float16.
+        compile: compile the decoding step first (torch.compile; its time is printed on stderr, seconds once the
+            compiler's cache is warm) for the fastest tokens; false starts at once. Default: compile when
+            --generation.max_new_tokens is at least COMPILE_PAYS_FROM, where the faster steps repay the compilation.
     """
     from project.generate import stream as stream_text
 
@@ -75,32 +88,49 @@ def generate_command(*, ckpt_path: str, prompt: str = "\n", generation: Generati
                          f"most {UNSTREAMED_TOKEN_LIMIT:,} tokens")
     configure_threads()
     loaded = load_model(resolve_checkpoint(ckpt_path), device=device)
-    pieces = stream_text(loaded.model, loaded.tokenizer, prompt, generation)
+    shown: str | list[int] = prompt
+    if chat:
+        if loaded.template is None:
+            raise ValueError(f"{ckpt_path} has no prompt template (it was not instruction-tuned: python -m project "
+                             "finetune): drop --chat to continue the prompt as text")
+        shown = ""
+        prompt, _ = loaded.template.encode([{"role": "user", "content": prompt}], loaded.tokenizer,
+                                           add_generation_prompt=True)
+    model = cast_for_inference(loaded.model, dtype)
+    if compile is None:
+        compile = generation.max_new_tokens >= COMPILE_PAYS_FROM
+    pieces = stream_text(model, loaded.tokenizer, prompt, generation, compile=compile)  # checks the prompt
+    if compile:  # paid before the first token, and said apart from it
+        seconds = Decoder(model, slots=1, compile=True).warm_up()
+        print(f"compiled the decoding step in {seconds:.1f} s", file=sys.stderr, flush=True)
     first = next(pieces, "")  # checks the prompt and settings before anything is printed
     if not stream:
         pieces = iter(["".join(pieces)])  # the whole text, printed at once
-    sys.stdout.write(prompt + first)
+    sys.stdout.write(shown + first)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
-def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = "hf", dtype: GGUFDtype = "f32",
+def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf", "peft"] = "hf", dtype: GGUFDtype = "f32",
                    overwrite: bool = False) -> None:
-    """Export a checkpoint to a Hugging Face transformers directory, or to GGUF for llama.cpp and Ollama.
+    """Export a checkpoint to a Hugging Face transformers directory, to GGUF for llama.cpp and Ollama, or its LoRA
+    adapters to PEFT.
 
     `--format hf` (GPT-2 or Llama architecture) loads with AutoModelForCausalLM / AutoTokenizer /
     pipeline("text-generation") and gives the same logits as the checkpoint. `--format gguf` writes
-    model.gguf and an Ollama Modelfile (project/formats/gguf.py).
+    model.gguf and an Ollama Modelfile (project/formats/gguf.py). An instruction-tuned model carries its prompt
+    template into both, and LoRA adapters are merged in. `--format peft` writes a LoRA checkpoint's adapters alone,
+    for PEFT on the transformers export of its base (project/formats/peft.py).
 
     Args:
-        ckpt_path: `last` or `best` (the newest run's, under runs/), a .ckpt written by `python -m project fit`, a
-            distributed checkpoint folder, or a directory written by `python -m project export`.
+        ckpt_path: `last` or `best` (the newest run's, under runs/), a .ckpt written by `python -m project fit` or
+            `finetune fit`, a distributed checkpoint folder, or a directory written by `python -m project export`.
         out: the directory to write (config.json, model.safetensors, generation_config.json, tokenizer files;
-            or model.gguf and Modelfile).
-        format: hf (transformers directory) or gguf (one .gguf file for llama.cpp, plus a Modelfile).
-        dtype: GGUF weight precision (f32, f16 or q8_0); the hf format is always f32.
+            model.gguf and Modelfile; or adapter_config.json and adapter_model.safetensors).
+        format: hf (transformers directory), gguf (one .gguf file for llama.cpp, plus a Modelfile) or peft.
+        dtype: GGUF weight precision (f32, f16 or q8_0); the other formats are always f32.
         overwrite: replace the files of an existing export.
     """
     from project.formats.gguf import MODELFILE, check_gguf_output, export_gguf, gguf_architecture
@@ -109,7 +139,8 @@ def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = 
     if format == "gguf":
         check_gguf_output(out, overwrite)  # fail before loading anything
         loaded = load_model(resolve_checkpoint(ckpt_path))
-        path = export_gguf(loaded.model.float(), loaded.tokenizer, out, dtype=dtype, overwrite=overwrite)
+        path = export_gguf(loaded.model.float(), loaded.tokenizer, out, dtype=dtype, overwrite=overwrite,
+                           template=loaded.template)
         context = loaded.model.config.block_size
         print(f"exported {loaded.path} to {path} ({dtype}, {size_of(path)}, llama.cpp architecture "
               f"{gguf_architecture(loaded.model.config)}, context {context} tokens) and {path.parent / MODELFILE} "
@@ -120,13 +151,16 @@ def export_command(*, ckpt_path: str, out: str, format: Literal["hf", "gguf"] = 
               f".create_completion('ROMEO:', max_tokens={context // 2})['choices'][0]['text'])\"")
         return
     if dtype != "f32":
-        raise ValueError(f"--dtype {dtype} applies to --format gguf only: the hf format is always f32")
+        raise ValueError(f"--dtype {dtype} applies to --format gguf only: the {format} format is always f32")
     out_path = check_export_target(out, overwrite)  # fail before loading anything
+    if format == "peft":
+        export_adapters(resolve_checkpoint(ckpt_path), out_path, overwrite)
+        return
     loaded = load_model(resolve_checkpoint(ckpt_path))
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Writing model shards" for a one-file model; the line below says it
-    export_hf(loaded.model.float(), loaded.tokenizer, out_path, overwrite=overwrite)
+    export_hf(loaded.model.float(), loaded.tokenizer, out_path, overwrite=overwrite, template=loaded.template)
     files = ", ".join(f"{p.name} ({size_of(p)})" for p in sorted(out_path.iterdir()) if p.is_file())
     print(f"exported {loaded.path} as {hf_architecture(loaded.model.config)} to {out_path}: {files}\n"
           f"  load with: AutoModelForCausalLM.from_pretrained({str(out_path)!r}), AutoTokenizer.from_pretrained(...)")
@@ -136,6 +170,41 @@ def size_of(path: Path) -> str:
     """A file's size for people: 812 KB, 23.4 MB."""
     size = path.stat().st_size
     return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} KB" if size >= 1e3 else f"{size} bytes"
+
+
+def export_adapters(ckpt_path: str, out: Path, overwrite: bool) -> None:
+    """`export --format peft`: a LoRA checkpoint's adapters, for PEFT on the transformers export of its base."""
+    from project.formats.checkpoint import load_checkpoint
+    from project.formats.peft import export_peft
+
+    loaded = load_checkpoint(ckpt_path, merge=False)
+    if loaded.lora is None:
+        raise ValueError(f"checkpoint {ckpt_path} holds no LoRA adapters: export the model itself (--format hf)")
+    base = loaded.base
+    hf_base = base if (Path(base) / "config.json").is_file() else None  # a transformers folder PEFT can load
+    export_peft(loaded.model.float(), loaded.lora, out, base=hf_base, overwrite=overwrite)
+    where = hf_base or f"the export of {base} (python -m project export --ckpt_path {base} --out BASE)"
+    print(f"exported the LoRA adapters of {ckpt_path} to {out}: load them with PeftModel.from_pretrained("
+          f"AutoModelForCausalLM.from_pretrained(BASE), {str(out)!r}), BASE being {where}")
+
+
+def merge_lora_command(*, ckpt_path: str, out: str) -> None:
+    """Merge a LoRA checkpoint's adapters into its base, as one checkpoint that no longer needs the base.
+
+    Args:
+        ckpt_path: a LoRA checkpoint written by `python -m project finetune fit` (with --model.lora).
+        out: the .ckpt file to write; an existing file is never overwritten.
+    """
+    target = save_merged(ckpt_path, out)
+    print(f"merged the LoRA adapters of {ckpt_path} into its base -> {target}")
+
+
+@functools.wraps(build_finetune_data)
+def finetune_data_command(**kwargs) -> None:
+    meta = build_finetune_data(**kwargs)
+    counts = "; ".join(f"{name}: " + ", ".join(f"{n:,} {split}" for split, n in splits.items())
+                       for name, splits in meta["counts"].items())
+    print(f"wrote {kwargs['out']}: {counts} (meta.json says how)")
 
 
 @functools.wraps(consolidate_checkpoint)
@@ -155,9 +224,11 @@ def serve_command(
     api_key: str | None = None,
     model_name: str = "gpt",
     max_prompt_chars: int = 2000,
-    concurrency_limit: int = 2,
+    slots: int = 8,
     max_queue: int = 32,
     device: str = "cpu",
+    dtype: InferenceDtype = "float32",
+    compile: bool = True,
 ) -> None:
     """Serve the Gradio app at / and an OpenAI-compatible API under /v1, on one port.
 
@@ -170,13 +241,15 @@ def serve_command(
             PROJECT_API_KEY environment variable, which keeps it out of the process list.
         model_name: the model's id in the API (`model` in requests, /v1/models).
         max_prompt_chars: longest prompt the page accepts, in characters.
-        concurrency_limit: page requests processed at once; the rest wait in the queue.
-        max_queue: page requests that may wait; beyond this the page asks to try again.
+        slots: requests decoded together (the API's and the page's), each with its own KV cache slot.
+        max_queue: requests that may wait for a slot; beyond this the API answers 429 with Retry-After and the
+            page asks to try again.
         device: torch device, e.g. cpu or cuda.
+        dtype: the weights' precision while serving: float32, bfloat16 (half the bytes; logits within a few
+            hundredths of float32's) or float16.
+        compile: compile the decoding step at start-up (torch.compile; its time is printed) for the fastest tokens.
     """
-    import uvicorn
-
-    from project.serve.server import API_KEY_ENV, build_server, check_can_listen, is_loopback  # gradio when built
+    from project.serve.server import API_KEY_ENV, build_server, check_can_listen, is_loopback, run_server
 
     check_can_listen(host, port)  # a busy port or unknown host: one line, before the model is loaded
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -185,10 +258,15 @@ def serve_command(
                          f"{API_KEY_ENV}, or keep the default --host 127.0.0.1")
     configure_threads()
     loaded = load_model(resolve_checkpoint(ckpt_path), device=device)
+    cast_for_inference(loaded.model, dtype)
     server = build_server(loaded, api_key=api_key, model_name=model_name, max_prompt_chars=max_prompt_chars,
-                          concurrency_limit=concurrency_limit, max_queue=max_queue)
-    print(f"serving {loaded.path} on http://{host}:{port}: the page at /, the OpenAI API at /v1", flush=True)
-    uvicorn.run(server, host=host, port=port, log_level="warning")
+                          slots=slots, max_waiting=max_queue, compile=compile)
+    scheduler = server.state.scheduler
+    if compile:
+        print(f"compiled the decoding step in {scheduler.compile_seconds:.1f} s", flush=True)
+    print(f"serving {loaded.path} on http://{host}:{port}: the page at /, the OpenAI API at /v1 ({slots} requests "
+          f"decoded together, {max_queue} more may wait)", flush=True)
+    run_server(server, host, port, scheduler)
 
 
 def evaluate_command(
@@ -341,6 +419,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "prepare": prepare_command,  # folder of .txt/.parquet -> litdata token chunks for --data.streaming_dir
     "train-tokenizer": train_tokenizer_command,  # text file -> byte-level BPE folder for --data.tokenizer
     "guide": guide_command,  # notebooks/ executed and printed as one PDF (project/guide.py)
+    "finetune-data": finetune_data_command,  # TinyShakespeare -> instruction and classification sets (JSONL, CSV)
+    "merge-lora": merge_lora_command,  # LoRA checkpoint + its base -> one self-contained checkpoint
 }
 
 
@@ -355,6 +435,8 @@ LIGHTNING_SUMMARIES = {
     "validate": "Compute the validation loss of a checkpoint.",
     "test": "Compute the loss of a checkpoint on the test split.",
     "predict": "Complete --data.prompts with a checkpoint, writing JSON lines.",
+    "finetune": "Fine-tune a pretrained model (instructions or classification, full or LoRA): finetune fit|validate|"
+                "test|predict.",
 }
 
 
@@ -440,11 +522,13 @@ def main(argv: list[str] | None = None) -> None:
             from jsonargparse import auto_cli
 
             auto_cli(COMMANDS[words[0]], args=words[1:], prog=f"{PROG} {words[0]}", parser_class=command_parser())
+        elif words[0] == "finetune":
+            finetune_command(words[1:], from_argv=argv is None)
         elif words[0] in LIGHTNING_SUMMARIES or words[0].startswith("-"):
             fit_command(argv)
         else:
-            raise ValueError(f"unknown command {words[0]!r}: use one of {', '.join([*LIGHTNING_SUMMARIES, *COMMANDS])} "
-                             f"({PROG} --help)")
+            known = ", ".join([*LIGHTNING_SUMMARIES, *COMMANDS])
+            raise ValueError(f"unknown command {words[0]!r}: use one of {known} ({PROG} --help)")
     except Exception as err:  # noqa: BLE001 (re-raised below unless it is the user's mistake or memory)
         if isinstance(err, user_errors()) and not os.environ.get("PROJECT_DEBUG"):
             print(f"error: {one_line(err)}", file=sys.stderr)
@@ -453,6 +537,8 @@ def main(argv: list[str] | None = None) -> None:
             raise  # our bug: the traceback is the report
         print(f"error: not enough memory ({one_line(err)[:160]}): {MEMORY_HINT}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C (serve re-raises it once its requests are ended): no traceback
+        sys.exit(128 + signal.SIGINT)
     except SystemExit as err:
         # Lightning ends a fit stopped by SIGTERM (last.ckpt saved) with SIGTERMException, a SystemExit of status 0;
         # the shell convention for "terminated" is 128 + 15 (the module is loaded if Lightning ran at all)
@@ -470,9 +556,23 @@ def fit_command(argv: list[str] | None) -> None:
     from project.training.report import fit_report
 
     configure_threads()
-    trainer = run_lightning(argv, descriptions=LIGHTNING_SUMMARIES)  # None: LightningCLI reads sys.argv itself
+    descriptions = {name: text for name, text in LIGHTNING_SUMMARIES.items() if name != "finetune"}  # its own CLI
+    trainer = run_lightning(argv, descriptions=descriptions)  # None: LightningCLI reads sys.argv itself
     if trainer.state.fn == "fit" and trainer.is_global_zero:
         print("\n".join(describe_fit(fit_report(trainer))))
+    if interrupted_step(trainer) is not None:
+        sys.exit(130)  # stopped by Ctrl-C (after saving last.ckpt): the shell's status for SIGINT
+
+
+def finetune_command(args: list[str], from_argv: bool) -> None:
+    """`finetune fit|validate|test|predict` through LightningCLI (project/cli.py's FinetuneCLI)."""
+    from project.cli import run_finetune
+    from project.training.interrupt import interrupted_step
+
+    configure_threads()
+    if from_argv:  # LightningCLI reads sys.argv itself (and warns when also given arguments): the finetune CLI's own
+        sys.argv = [sys.argv[0], *args]
+    trainer = run_finetune(None if from_argv else args)
     if interrupted_step(trainer) is not None:
         sys.exit(130)  # stopped by Ctrl-C (after saving last.ckpt): the shell's status for SIGINT
 

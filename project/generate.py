@@ -10,15 +10,14 @@ new tokens outgrow the context, the window slides: each further token is predict
 
 from __future__ import annotations
 
+import bisect
 import codecs
-import copy
-import functools
-import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from project.decoding import Decoder
 from project.model import GPT
 from project.tokenizer import Tokenizer
 
@@ -105,6 +104,11 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+def is_greedy(settings: GenerationSettings) -> bool:
+    """Whether `settings` always pick the most likely token (no randomness)."""
+    return settings.temperature == 0 or settings.top_k == 1
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> torch.Tensor:
     """One token id per row from last-position logits (B, V).
@@ -113,7 +117,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     tokens are carried on: drawing among k probabilities instead of the whole vocabulary's saves ~1.4 ms
     a token on CPU (a third of a decode step for the default model).
     """
-    if temperature == 0 or top_k == 1:
+    if temperature == 0 or top_k == 1:  # greedy: as is_greedy
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     candidates = None
@@ -133,42 +137,25 @@ def validate_prompt(idx: torch.Tensor, block_size: int) -> None:
         raise ValueError(f"prompt has {idx.size(1)} tokens but the model's context is {block_size}: shorten the prompt")
 
 
-def decode_step(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """Logits (B, 1, V) for one new token per row, idx (B, 1) at position input_pos (1,), through the KV cache."""
-    return model(idx, input_pos=input_pos, last_only=True)
-
-
-@functools.cache
-def compiled_decode_step(device_type: str) -> Callable[[GPT, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """`decode_step` under torch.compile: one graph for every position (the KV cache has a fixed shape).
-
-    Compiled once per process and model/batch shape (~5-30 s on a CPU), then each token runs as fused kernels
-    instead of ~30 Python-dispatched ops per layer; on a CPU the C++ wrapper also drops the per-kernel
-    Python calls. It pays when many tokens are sampled from one loaded model (the app, benchmarks).
-    """
-    options = {"cpp_wrapper": True} if device_type == "cpu" else None
-    return torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
-
-
 def generate_tokens(model: GPT, idx: torch.Tensor, settings: GenerationSettings, *, use_kv_cache: bool = True,
                     compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time, up to `settings.max_new_tokens`: the building block of
     `generate` and `stream` (sampling only: end-of-text and stop strings are theirs).
 
-    `compile` runs each single-token decode step through `compiled_decode_step` (needs the KV cache). The prompt
-    is checked when called (ValueError), before the first token is produced. Close the iterator (or exhaust it)
-    to free the KV cache and restore the model's train/eval mode.
+    Decoding runs through a `Decoder` with a slot per row (project/decoding.py): the server's path, so a prompt
+    gets the same logits here as from the server. `compile` compiles its step (needs the KV cache). The prompt is
+    checked when called (ValueError), before the first token is produced. Close the iterator (or exhaust it) to
+    restore the model's train/eval mode.
     """
     validate_prompt(idx, model.config.block_size)
     if compile and not use_kv_cache:
         raise ValueError("compile needs the KV cache (its fixed shape is what makes one graph): keep use_kv_cache")
-    step = compiled_decode_step(idx.device.type) if compile else decode_step
-    return _generate_tokens(model, idx, settings, use_kv_cache, step)
+    return _generate_tokens(model, idx, settings, use_kv_cache, compile)
 
 
 @torch.inference_mode()
 def _generate_tokens(model: GPT, idx: torch.Tensor, settings: GenerationSettings, use_kv_cache: bool,
-                     step: Callable[[GPT, torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[torch.Tensor]:
+                     compile: bool) -> Iterator[torch.Tensor]:
     block_size, max_new_tokens = model.config.block_size, settings.max_new_tokens
     generator = None
     if settings.seed is not None:
@@ -178,28 +165,30 @@ def _generate_tokens(model: GPT, idx: torch.Tensor, settings: GenerationSettings
     was_training = model.training
     model.eval()
     batch, prompt_len = idx.shape
+    greedy = is_greedy(settings)
     # the sequence so far, preallocated (no per-step concatenation) but never longer than 2 * block_size past
     # the prompt: once the context is full only the last block_size tokens are read, so they move to the front
     capacity = prompt_len + min(max_new_tokens, 2 * block_size)
     seq = torch.empty(batch, capacity, dtype=idx.dtype, device=idx.device)
     seq[:, :prompt_len] = idx
     length = total = prompt_len  # tokens held in seq; tokens of the whole sequence
-    positions = torch.arange(block_size, device=idx.device)  # input_pos slices, made once
     try:
-        if use_kv_cache:
-            model.setup_kv_cache(batch)
-        else:
-            model.prepare_decode_head()  # the same fast head as cached decoding: only the cache differs
+        decoder = Decoder(model, batch, compile=compile) if use_kv_cache else None
         for _ in range(max_new_tokens):
-            if not use_kv_cache:
-                logits = model(seq[:, max(0, length - block_size) : length], last_only=True)
-            elif total == prompt_len:  # prefill: the whole prompt at once (plain causal attention)
-                logits = model(seq[:, :length], input_pos=positions[:length], last_only=True)
-            elif total <= block_size:  # decode: one new token, attending to the cache (seq is not shifted yet)
-                logits = step(model, seq[:, length - 1 : length], positions[length - 1 : length])
-            else:  # the context is full: slide the window, re-reading the last block_size tokens
-                logits = model(seq[:, length - block_size : length], input_pos=positions, last_only=True)
-            next_ids = sample_next(logits[:, -1, :], settings.temperature, settings.top_k, settings.top_p, generator)
+            stepped = False
+            if decoder is None:
+                logits = model(seq[:, max(0, length - block_size) : length], last_only=True)[:, -1]
+            elif total == prompt_len or total > block_size:  # the prompt, or the last block_size tokens (slid)
+                logits = decoder.prefill(0, seq[:, max(0, length - block_size) : length])
+            else:  # one new token per row, attending to the cache
+                greedy_ids, logits = decoder.step(batch)
+                stepped = True
+            if greedy and stepped:
+                next_ids = greedy_ids  # the step has fed them back already
+            else:
+                next_ids = sample_next(logits, settings.temperature, settings.top_k, settings.top_p, generator)
+                if decoder is not None:
+                    decoder.tokens[:batch] = next_ids
             if length == capacity:  # only reached past the context: keep the last block_size tokens
                 seq[:, :block_size] = seq[:, length - block_size : length].clone()
                 length = block_size
@@ -207,7 +196,6 @@ def _generate_tokens(model: GPT, idx: torch.Tensor, settings: GenerationSettings
             length, total = length + 1, total + 1
             yield next_ids
     finally:
-        model.clear_kv_cache()
         model.train(was_training)
 
 
@@ -246,32 +234,75 @@ def generate(model: GPT, idx: torch.Tensor, settings: GenerationSettings, *, tok
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
 
 
-def text_pieces(tokens: Iterable[int], tokenizer: Tokenizer, settings: GenerationSettings) -> Iterator[str]:
-    """The text of generated `tokens`, piece by piece, ended at end-of-text (when `settings.stop_at_eot`) and
-    cut before the first stop string: the one place where a completion's text is made.
+class CompletionText:
+    """The text of generated tokens, fed one at a time (`add`), ended at end-of-text (when `settings.stop_at_eot`)
+    and cut before the first stop string: the one place where a completion's text is made.
 
     Bytes are decoded incrementally, so a multi-byte character split across BPE tokens comes out whole once
-    complete; text that might be the start of a stop string is held back until known.
+    complete; text that might be the start of a stop string is held back until known. `tokens` are the ids fed
+    until the text ended (the end-of-text or stop-completing one included: what `usage` counts), and
+    `starts[i]` is where token i's text begins in the completion: the tokens whose text is shown are those that
+    begin before its end (the end-of-text token and the tokens of a stop string are not).
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    holdback = max((len(s) for s in settings.stop), default=1) - 1
-    text, emitted = "", 0
+
+    def __init__(self, tokenizer: Tokenizer, settings: GenerationSettings) -> None:
+        self.tokenizer, self.settings = tokenizer, settings
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.holdback = max((len(s) for s in settings.stop), default=1) - 1
+        self.text = ""  # decoded so far (a stop string and what follows are cut off when found)
+        self.emitted = 0  # characters of text returned by add/end so far
+        self.tokens: list[int] = []
+        self.starts: list[int] = []
+        self.stopped = False  # an end-of-text token or a stop string ended the text
+
+    def add(self, token: int) -> str:
+        """Feed the next generated token; return the text it makes safe to show (often "", never after a stop)."""
+        if self.stopped:
+            return ""
+        self.tokens.append(token)
+        self.starts.append(len(self.text))
+        if self.settings.stop_at_eot and token == self.tokenizer.eot_id:
+            return self._stop(len(self.text))
+        self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
+        cut = min((self.text.find(s) for s in self.settings.stop if s in self.text), default=-1)
+        if cut >= 0:  # a stop string appeared: show what precedes it, then end
+            return self._stop(cut)
+        return self._show(len(self.text) - self.holdback)
+
+    def end(self) -> str:
+        """No more tokens: the text still held back (and any incomplete character, as U+FFFD)."""
+        if not self.stopped:
+            self.text += self.decoder.decode(b"", final=True)
+        return self._show(len(self.text))
+
+    def shown_tokens(self) -> int:
+        """How many of `tokens` begin in the text shown so far."""
+        return bisect.bisect_left(self.starts, self.emitted)
+
+    def _stop(self, cut: int) -> str:
+        self.stopped = True
+        self.text = self.text[:cut]
+        return self._show(cut)
+
+    def _show(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        piece, self.emitted = self.text[self.emitted : upto], upto
+        return piece
+
+
+def text_pieces(tokens: Iterable[int], tokenizer: Tokenizer, settings: GenerationSettings) -> Iterator[str]:
+    """The text of generated `tokens`, piece by piece (see `CompletionText`)."""
+    text = CompletionText(tokenizer, settings)
     for token in tokens:
-        if settings.stop_at_eot and token == tokenizer.eot_id:
-            break
-        text += decoder.decode(tokenizer.decode_bytes([token]))
-        cut = min((text.find(s) for s in settings.stop if s in text), default=-1)
-        if cut >= 0:  # a stop string appeared: emit what precedes it, then end
-            if cut > emitted:
-                yield text[emitted:cut]
+        piece = text.add(token)
+        if piece:
+            yield piece
+        if text.stopped:
             return
-        safe = len(text) - holdback
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text += decoder.decode(b"", final=True)
-    if len(text) > emitted:
-        yield text[emitted:]
+    piece = text.end()
+    if piece:
+        yield piece
 
 
 def completion_text(tokens: Iterable[int], tokenizer: Tokenizer, settings: GenerationSettings) -> str:
@@ -279,15 +310,16 @@ def completion_text(tokens: Iterable[int], tokenizer: Tokenizer, settings: Gener
     return "".join(text_pieces(tokens, tokenizer, settings))
 
 
-def encode_prompt(model: GPT, tokenizer: Tokenizer, prompt: str) -> torch.Tensor:
-    """A prompt's token ids as a (1, T) batch on the model's device; ValueError for an empty prompt."""
-    ids = tokenizer.encode(prompt)
+def encode_prompt(model: GPT, tokenizer: Tokenizer, prompt: str | list[int]) -> torch.Tensor:
+    """A prompt (text, or token ids such as a chat template makes) as a (1, T) batch of ids on the model's device;
+    ValueError for an empty prompt."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise ValueError("prompt is empty: give at least one character")
     return torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
 
 
-def stream(model: GPT, tokenizer: Tokenizer, prompt: str, settings: GenerationSettings | None = None, *,
+def stream(model: GPT, tokenizer: Tokenizer, prompt: str | list[int], settings: GenerationSettings | None = None, *,
            use_kv_cache: bool = True, compile: bool = False) -> Iterator[str]:
     """Yield the completion of `prompt` as text, piece by piece, as tokens are sampled (see `text_pieces`).
 
@@ -306,8 +338,10 @@ def _stream_text(steps: Iterator[torch.Tensor], tokenizer: Tokenizer, settings: 
         steps.close()
 
 
-def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], settings: GenerationSettings) -> list[str]:
-    """Completions of several prompts (batched when they have the same token length), trimmed at stops."""
+def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str] | list[list[int]],
+                   settings: GenerationSettings) -> list[str]:
+    """Completions of several prompts, texts or token ids (batched when they have the same token length), trimmed
+    at stops."""
     encoded = [encode_prompt(model, tokenizer, p) for p in prompts]
     completions: dict[int, str] = {}
     by_length: dict[int, list[int]] = {}
@@ -318,10 +352,3 @@ def complete_batch(model: GPT, tokenizer: Tokenizer, prompts: list[str], setting
         for i, row in zip(rows, out[:, length:].tolist()):
             completions[i] = completion_text(row, tokenizer, settings)
     return [completions[i] for i in range(len(prompts))]
-
-
-def request_model(model: GPT) -> GPT:
-    """A copy of `model` sharing every weight tensor but with its own modules, so concurrent requests each
-    get their own KV cache (the cache lives on the attention modules)."""
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, shared)

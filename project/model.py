@@ -124,35 +124,69 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Keys and values of past positions, preallocated to the longest sequence, for one attention layer."""
+    """What decoding keeps between steps, for `slots` sequences of up to block_size tokens: the keys and values of
+    every layer at past positions, and (on a CPU) the output layer's weight laid out (C, V).
 
-    def __init__(self, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, device, dtype) -> None:
+    Passed to `GPT.forward` as `kv_cache`, it is not part of the model: one model can serve several caches (the
+    server's scheduler owns one, a `generate` call another) and training never sees one. CPU matrix-vector kernels
+    read the head's (C, V) layout about 3.7x faster than the weight's own (V, C) at GPT-2's vocabulary (measured
+    in benchmarks/generate.py); the copy is made once per cache, so the weights must not change while it is used.
+    """
+
+    def __init__(self, model: GPT, slots: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        cfg, weight = model.config, model.lm_head.weight
+        if slots < 1:
+            raise ValueError(f"a KV cache needs at least one slot, got {slots}")
+        shape = (cfg.n_layer, slots, cfg.kv_heads, cfg.block_size, cfg.head_dim)
+        dtype = dtype or weight.dtype
+        # zeros, not empty: masked cells are multiplied by an attention weight of exactly 0, which keeps a finite
+        # value out of the result but not a NaN
+        self.register_buffer("k", torch.zeros(shape, device=weight.device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=weight.device, dtype=dtype), persistent=False)
+        head_t = weight.detach().t().contiguous() if weight.device.type == "cpu" else None
+        self.register_buffer("head_t", head_t, persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) at ascending, consecutive positions `pos` (T,) and return the keys and values
-        to attend to: for a single new token the whole preallocated cache, a fixed shape that a compiled decode
-        step can reuse at every position (the caller masks what lies past `pos`); else the cache up to `pos[-1]`.
+    @property
+    def slots(self) -> int:
+        return self.k.size(1)
+
+    def write(self, layer: int, slot: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write layer `layer`'s new keys and values k, v (B, Hkv, T, D) for slots slot..slot+B-1 and return what
+        they attend to.
+
+        A single new token (T = 1) goes to each row's own position, pos (B,) (or one position for every row, (1,)),
+        and the whole preallocated cache comes back: a fixed shape that a compiled step reuses at every position
+        (the caller masks what lies past each row's position). T > 1 tokens go to the ascending, consecutive
+        positions pos (T,) of every row, and the cache up to pos[-1] comes back.
         """
-        batch = k.size(0)
-        if k.size(2) == 1:  # decoding: no Python int from pos, so torch.compile sees one static graph
-            self.k[:batch].index_copy_(2, pos, k.to(self.k.dtype))
-            self.v[:batch].index_copy_(2, pos, v.to(self.v.dtype))
-            return self.k[:batch], self.v[:batch]
+        B, T = k.size(0), k.size(2)
+        if T == 1:  # decoding: no Python int from pos, so torch.compile sees one static graph
+            rows = torch.arange(slot, slot + B, device=k.device)
+            where = (torch.full_like(rows, layer), rows, slice(None), pos)  # (layer, row, :, pos[row]) for each row
+            # one scatter into the whole cache, not into a view of it: compiled, it writes in place (into a view,
+            # inductor copies the whole cache at every step)
+            self.k[where] = k[:, :, 0].to(self.k.dtype)
+            self.v[where] = v[:, :, 0].to(self.v.dtype)
+            return self.k[layer, slot : slot + B], self.v[layer, slot : slot + B]
         start, end = int(pos[0]), int(pos[-1]) + 1
-        self.k[:batch, :, start:end] = k.to(self.k.dtype)  # a slice copy: ~15x cheaper on CPU than an index scatter
-        self.v[:batch, :, start:end] = v.to(self.v.dtype)
-        return self.k[:batch, :, :end], self.v[:batch, :, :end]
+        self.k[layer, slot : slot + B, :, start:end] = k.to(self.k.dtype)  # a slice copy: ~15x cheaper on CPU
+        self.v[layer, slot : slot + B, :, start:end] = v.to(self.v.dtype)  # than an index scatter
+        return self.k[layer, slot : slot + B, :, :end], self.v[layer, slot : slot + B, :, :end]
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` positions of slot `source` into slot `target` (keeps busy slots packed)."""
+        self.k[:, target, :, :length] = self.k[:, source, :, :length]
+        self.v[:, target, :, :length] = self.v[:, source, :, :length]
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with optional grouped-query heads, RoPE and a KV cache."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer  # this layer's index in a KV cache
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         # separate projections (not one fused qkv) so tensor parallelism can shard each by heads
         self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=config.bias)
@@ -161,7 +195,6 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.kv_cache: KVCache | None = None
 
     def qkv_heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
         """Project x (B, T, C) to q (B, H, T, D) and k, v (B, Hkv, T, D), rotated when RoPE is on."""
@@ -180,6 +213,8 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         input_pos: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        slot: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_heads(x, rope)
@@ -188,17 +223,18 @@ class CausalSelfAttention(nn.Module):
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, enable_gqa=q.size(1) != k.size(1)
             )
         else:  # cached decoding: attend to every cached position up to each query's own position
-            if self.kv_cache is None:
-                raise RuntimeError("input_pos given but no KV cache: call model.setup_kv_cache(batch_size) first")
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, T_cache, D)
+            if kv_cache is None:
+                raise RuntimeError("input_pos given but no KV cache: pass kv_cache=KVCache(model, slots)")
+            k, v = kv_cache.write(self.layer, slot, input_pos, k, v)  # (B, Hkv, T_cache, D)
             gqa = q.size(1) != k.size(1)
             k, v = k.to(q.dtype), v.to(q.dtype)
-            if T == 1:  # one new token: explicit matmuls, as SDPA's CPU flash kernel is slow for a single query.
-                # T_cache is the whole cache: positions after input_pos are masked. Query heads grouped per kv
-                # head: (B, Hkv, H/Hkv, D)
+            if T == 1:  # one new token per row: explicit matmuls, as SDPA's CPU flash kernel is slow for a single query.
+                # T_cache is the whole cache: positions after each row's input_pos are masked. Query heads grouped
+                # per kv head: (B, Hkv, H/Hkv, D)
                 qg = q.view(B, k.size(1), -1, self.head_dim)
                 att = (qg @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(self.head_dim))  # (B, Hkv, H/Hkv, T_cache)
-                future = torch.arange(k.size(2), device=x.device) > input_pos  # (T_cache,)
+                # (B or 1, 1, 1, T_cache): each row's own position
+                future = torch.arange(k.size(2), device=x.device) > input_pos.view(-1, 1, 1, 1)
                 att = att.masked_fill_(future, float("-inf")).softmax(dim=-1)
                 y = (att @ v).view(B, -1, 1, self.head_dim)
             elif T == k.size(2):  # prefill from position 0 (input_pos ascending): plain causal
@@ -244,15 +280,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.norm1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, input_pos=None):
-        x = x + self.attn(self.norm1(x), rope, input_pos)
+    def forward(self, x, rope=None, input_pos=None, kv_cache=None, slot=0):
+        x = x + self.attn(self.norm1(x), rope, input_pos, kv_cache, slot)
         return x + self.mlp(self.norm2(x))
 
 
@@ -267,7 +303,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -276,7 +312,6 @@ class GPT(nn.Module):
             cos, sin = rope_cache(config)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.decode_head: torch.Tensor | None = None  # inference-only copy of the head, see prepare_decode_head
         self.activation_checkpointing = False  # recompute each block in backward instead of storing its activations
         if self.wte.weight.device.type != "meta":  # on the meta device the caller materialises it (GPTModule)
             self.init_weights(self.init_seed)
@@ -325,69 +360,51 @@ class GPT(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T). With `input_pos` (T,) the KV cache is read and written.
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,
+                kv_cache: KVCache | None = None, slot: int = 0) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T).
 
-        `last_only` computes the logits of the last position only, (B, 1, V): all that sampling needs.
+        With `input_pos`, the KV cache `kv_cache` is read and written, in its slots slot..slot+B-1: `input_pos` (T,)
+        holds the positions of the T tokens of every row; for a single token per row (T = 1) it may hold each row's
+        own position instead, (B,). `last_only` computes the logits of the last position only, (B, 1, V): all that
+        sampling needs.
         """
+        x = self.hidden(idx, input_pos, last_only, kv_cache, slot)
+        if kv_cache is not None and kv_cache.head_t is not None:
+            return x @ kv_cache.head_t  # (B, T, C) @ (C, V): the same logits, read in a faster layout
+        return self.lm_head(x)  # (B, T, V)
+
+    def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,
+               kv_cache: KVCache | None = None, slot: int = 0) -> torch.Tensor:
+        """The final hidden states (B, T, C), after the last norm: what the LM head (or a classifier) reads."""
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
         else:
-            # (a compiled decode step cannot read a tensor's value: generate keeps positions in range there)
-            if not torch.compiler.is_compiling() and int(input_pos[-1]) >= self.config.block_size:
-                raise ValueError(f"position {int(input_pos[-1])} is past block_size {self.config.block_size}")
-            pos = input_pos
+            # (a compiled decode step cannot read a tensor's value: its caller keeps positions in range there)
+            if not torch.compiler.is_compiling() and int(input_pos.max()) >= self.config.block_size:
+                raise ValueError(f"position {int(input_pos.max())} is past block_size {self.config.block_size}")
+            pos = input_pos.view(-1, 1) if T == 1 else input_pos  # (B or 1, 1) per row, or (T,) for every row
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(pos)
-        else:
-            rope = (self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype))
+        else:  # (T, D) -> (1, T, D), or (B, 1, D) -> (B, 1, 1, D): broadcast over the heads of q, k (B, H, T, D)
+            rope = (self.rope_cos[pos].unsqueeze(-3).to(x.dtype), self.rope_sin[pos].unsqueeze(-3).to(x.dtype))
         x = self.drop(x)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, input_pos, use_reentrant=False)
+                x = checkpoint(block, x, rope, input_pos, kv_cache, slot, use_reentrant=False)
             else:
-                x = block(x, rope, input_pos)
+                x = block(x, rope, input_pos, kv_cache, slot)
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        if self.decode_head is not None:
-            return x @ self.decode_head  # (B, T, C) @ (C, V): the same logits, read in a faster layout
-        return self.lm_head(x)  # (B, T, V)
+        return self.norm(x)
 
-    # --- inference helpers -------------------------------------------------------------------------
 
-    def setup_kv_cache(self, batch_size: int, device=None, dtype=None) -> None:
-        """Preallocate a KV cache for `batch_size` sequences of up to block_size tokens (inference only)."""
-        param = self.wte.weight
-        for block in self.blocks:
-            attn = block.attn
-            attn.kv_cache = KVCache(
-                batch_size, self.config.block_size, self.config.kv_heads, self.config.head_dim,
-                device=device or param.device, dtype=dtype or param.dtype,
-            )
-        self.prepare_decode_head()
-
-    def clear_kv_cache(self) -> None:
-        """Free the KV cache (and the decode head); the training path never uses them."""
-        for block in self.blocks:
-            block.attn.kv_cache = None
-        self.decode_head = None
-
-    def prepare_decode_head(self) -> None:
-        """Keep a (C, V) contiguous copy of the head's (V, C) weight for token-by-token decoding on CPU.
-
-        Each decoded token reads the whole head (50257 x 768 floats for GPT-2), and CPU matrix-vector
-        kernels read the (C, V) layout about 3.7x faster than the weight's own (measured in
-        benchmarks/generate.py). GPUs need no copy. Weights must not change while it exists: it is made
-        by setup_kv_cache and freed by clear_kv_cache (generate does both).
-        """
-        weight = self.lm_head.weight
-        self.decode_head = weight.detach().t().contiguous() if weight.device.type == "cpu" else None
+    # --- inspection --------------------------------------------------------------------------------
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:

@@ -139,6 +139,16 @@ def loaded(trained_run):
 
 
 @pytest.fixture(scope="session")
+def scheduler(loaded):
+    """A started scheduler decoding on the trained tiny checkpoint (4 slots, eager steps), for the page's tests."""
+    from project.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(loaded.model, slots=4).start()
+    yield scheduler
+    scheduler.close()
+
+
+@pytest.fixture(scope="session")
 def chars(shakespeare_path: Path):
     """TinyShakespeare's 65-character vocabulary."""
     from project.tokenizer import CharTokenizer

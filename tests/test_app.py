@@ -3,6 +3,7 @@ page in a real headless Chromium."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -19,8 +20,8 @@ gr = pytest.importorskip("gradio")
 pytest.importorskip("matplotlib")
 
 from project.serve.page import App, build_app, model_card  # noqa: E402
+from project.serve.scheduler import Scheduler  # noqa: E402
 from project.formats.checkpoint import load_model  # noqa: E402
-from project.generate import request_model  # noqa: E402
 from project.commands import serve_command  # noqa: E402
 from project.generate import GenerationSettings, stream  # noqa: E402
 
@@ -34,14 +35,22 @@ TOO_LONG = "ROMEO: " * (MODEL["block_size"] // 7 + 1)  # a character per token: 
 
 
 @pytest.fixture(scope="module")
-def handlers(loaded) -> App:
-    return App(loaded, max_prompt_chars=200)
+def handlers(loaded, scheduler) -> App:
+    return App(loaded, scheduler, max_prompt_chars=200)
+
+
+def updates(handlers: App, prompt, **args) -> list[tuple[str, str]]:
+    """Every (text, status) update of the page's generate handler (an async generator), run to its end."""
+    async def collect():
+        return [update async for update in handlers.generate(prompt, **args)]
+
+    return asyncio.run(collect())
 
 
 @pytest.fixture(scope="module")
-def server(loaded):
+def server(loaded, scheduler):
     """The app served on 127.0.0.1 at a free port, in this process."""
-    demo = build_app(loaded, max_prompt_chars=200, concurrency_limit=2, max_queue=16)
+    demo = build_app(loaded, scheduler, max_prompt_chars=200)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
                             ssr_mode=False)
     yield url
@@ -52,11 +61,11 @@ def server(loaded):
 
 
 def test_generate_streams_and_concatenates(handlers, loaded):
-    updates = list(handlers.generate("ROMEO:", seed=7, **GEN_ARGS))
-    texts = [text for text, _ in updates]
-    assert len(updates) > 3, "the completion should arrive in several pieces"
+    streamed = updates(handlers, "ROMEO:", seed=7, **GEN_ARGS)
+    texts = [text for text, _ in streamed]
+    assert len(streamed) > 3, "the completion should arrive in several pieces"
     assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1)), "each update extends the last"
-    final, status = updates[-1]
+    final, status = streamed[-1]
     assert status.startswith("done")
     pieces = stream(loaded.model, loaded.tokenizer, "ROMEO:", GenerationSettings(seed=7, **GEN_ARGS))
     assert final == "ROMEO:" + "".join(pieces)  # the same text as the library's stream, for the same seed
@@ -81,9 +90,9 @@ def test_bad_generate_inputs_give_a_message(handlers, prompt, overrides, message
     args = {**GEN_ARGS, "seed": 1, **overrides}
     # the message is also raised as a Gradio warning toast; outside a request Gradio issues it as a UserWarning
     with pytest.warns(UserWarning, match=re.escape(message)):
-        updates = list(handlers.generate(prompt, **args))  # no exception
-    assert len(updates) == 1
-    text, status = updates[0]
+        streamed = updates(handlers, prompt, **args)  # no exception
+    assert len(streamed) == 1
+    text, status = streamed[0]
     assert status.startswith("error: ") and message in status, status
     assert text == prompt  # the prompt stays in the output box, nothing generated
 
@@ -119,15 +128,6 @@ def test_bad_attention_inputs_give_a_message(handlers, prompt, layer, head, mess
     assert status.startswith("error: ") and message in status, status
 
 
-def test_request_models_share_weights_but_not_caches(loaded):
-    a, b = request_model(loaded.model), request_model(loaded.model)
-    assert a.wte.weight is loaded.model.wte.weight and a.lm_head.weight is a.wte.weight
-    a.setup_kv_cache(1)
-    assert a.blocks[0].attn.kv_cache is not None
-    assert b.blocks[0].attn.kv_cache is None and loaded.model.blocks[0].attn.kv_cache is None
-    a.clear_kv_cache()
-
-
 def test_model_card_describes_the_checkpoint(loaded):
     card = model_card(loaded)
     for needle in ("parameters", f"{loaded.model.num_params():,}", "characters (65 symbols)",
@@ -145,25 +145,36 @@ def test_exported_transformers_directory_serves_the_same_text(loaded, handlers, 
     exported = load_model(out)
     assert exported.tokenizer.chars == loaded.tokenizer.chars
     args = {**GEN_ARGS, "seed": 11}
-    assert list(App(exported).generate("ROMEO:", **args))[-1] == list(handlers.generate("ROMEO:", **args))[-1]
+    exported_scheduler = Scheduler(exported.model, slots=1).start()
+    try:
+        served = updates(App(exported, exported_scheduler), "ROMEO:", **args)[-1]
+        assert served == updates(handlers, "ROMEO:", **args)[-1]
+    finally:
+        exported_scheduler.close()
 
 
 def test_serve_binds_locally_by_default_and_needs_a_key_elsewhere(monkeypatch, trained_run):
-    import uvicorn
+    from project.serve import server
 
     calls = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(kwargs, app=app))
+
+    def run_server(app, host, port, scheduler):
+        calls.update(app=app, host=host, port=port)
+        assert app.state.scheduler is scheduler and scheduler.thread.is_alive()
+        scheduler.close()
+
+    monkeypatch.setattr(server, "run_server", run_server)
     monkeypatch.delenv("PROJECT_API_KEY", raising=False)
-    serve_command(ckpt_path=str(trained_run["ckpt"]))
+    serve_command(ckpt_path=str(trained_run["ckpt"]), compile=False)
     assert calls["host"] == "127.0.0.1" and calls["port"] == 7860
     paths = {getattr(route, "path", None) for route in calls["app"].routes}
     # the API and the page on one app (Starlette stores the mount at "/" as "")
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions", ""} <= paths
     with pytest.raises(ValueError, match="--api_key or PROJECT_API_KEY"):
-        serve_command(ckpt_path=str(trained_run["ckpt"]), host="0.0.0.0", port=8001)
+        serve_command(ckpt_path=str(trained_run["ckpt"]), host="0.0.0.0", port=8001, compile=False)
     calls.clear()
     monkeypatch.setenv("PROJECT_API_KEY", "secret")
-    serve_command(ckpt_path=str(trained_run["ckpt"]), host="0.0.0.0", port=8001)
+    serve_command(ckpt_path=str(trained_run["ckpt"]), host="0.0.0.0", port=8001, compile=False)
     assert calls["host"] == "0.0.0.0" and calls["port"] == 8001
 
 
@@ -192,7 +203,7 @@ def test_server_answers_concurrent_requests_and_survives_a_failure(server, handl
     for seed, (text, status) in zip(seeds, answers):
         assert status.startswith("done"), status
         # concurrent requests do not disturb each other: each equals the same request made alone
-        expected, _ = list(handlers.generate("First Citizen:\n", seed=seed, **GEN_ARGS))[-1]
+        expected, _ = updates(handlers, "First Citizen:\n", seed=seed, **GEN_ARGS)[-1]
         assert text == expected
 
     text, status = client.predict("", 10, 0.8, 20, 1.0, 1, api_name="/generate")  # a failing request

@@ -577,6 +577,7 @@ CASES = [
     bad("generate-unknown-flag", [*GENERATE, "{ckpt}", "--temprature", "0"], "temprature"),
     bad("device-cuda", [*GENERATE, "{ckpt}", "--device", "cuda"], "--device cpu", cli=True, marks=NO_CUDA),
     bad("device-unknown", [*GENERATE, "{ckpt}", "--device", "foo"], "--device"),
+    bad("dtype-unknown", [*GENERATE, "{ckpt}", "--dtype", "float8"], "dtype"),
     # --- export ---
     bad("export-out-not-empty", ["export", "--ckpt_path", "{ckpt}", "--out", "{nonempty_dir}"], "--overwrite"),
     bad("export-out-is-a-file", ["export", "--ckpt_path", "{ckpt}", "--out", "{afile}"], "is a file"),

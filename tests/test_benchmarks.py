@@ -64,6 +64,17 @@ def test_steps_per_budget_then_quality_for_those_steps(tmp_path, shakespeare_pat
 
 
 @pytest.mark.slow
+def test_serving_benchmark_reports_every_level_and_identical_answers(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve.py"), "--quick", "--no-compile",
+                             "--clients", "1", "4"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith(("| 1 |", "| 4 |"))]
+    assert len(rows) == 2 and all(float(row[2].replace(",", "")) > 0 for row in rows), result.stdout
+    assert all(row[6].strip() == "8/8" for row in rows)  # greedy: every answer as the single client's
+
+
+@pytest.mark.slow
 def test_gpu_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
     """benchmarks/gpu.py --cpu-smoke: the GPU benchmark's every step on a CPU (a tiny model, 6 steps): the fit
     through the CLI with its probe, the validation step's memory both ways, generate and export."""
@@ -124,3 +135,25 @@ def test_busy_benchmark_reads_steps_lr_and_bpb_of_a_clock_stopped_fit(tmp_path, 
     steps, lr, _, bpb = (float(cell) for cell in row.split("|")[2:6])
     assert steps >= 1 and bpb > 0, row
     assert lr <= 0.11, row  # the budget-aware schedule ends at its floor (a tenth of the peak) as time runs out
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_tables(tmp_path):
+    """benchmarks/finetune.py --quick: every row of the quality tables (through the real `finetune` command) and of
+    LoRA vs full speed, from a tiny base pretrained for a few steps."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return run_script("finetune.py", "--quick", "--data-path", str(SHAKESPEARE), "--work", str(tmp_path), *args,
+                          cwd=tmp_path)
+
+    quality = run()
+    assert quality.returncode == 0, quality.stderr[-3000:]
+    for row in ("pretrained", "random", "majority", "base", "full", "lora"):
+        value = next(line for line in quality.stdout.splitlines() if line.startswith(f"| {row} |")).split("|")[2]
+        assert math.isfinite(float(value)), quality.stdout
+    base = str(tmp_path / "runs" / "base" / "version_0" / "checkpoints" / "last.ckpt")
+    speed = run("--speed", "--base", base)
+    assert speed.returncode == 0, speed.stderr[-3000:]
+    full, lora = (next(line for line in speed.stdout.splitlines() if line.startswith(f"| {name} |")).split("|")
+                  for name in ("full", "lora"))
+    assert int(lora[2].replace(",", "")) < int(full[2].replace(",", ""))  # trainable parameters
+    assert float(lora[3]) < float(full[3])  # optimizer state

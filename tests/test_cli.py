@@ -68,6 +68,9 @@ def test_every_config_parses(config, tmp_path):
     args = ["fit", "--config", str(config)]
     if config.parent.name == "strategy":  # overlays compose with a model config
         args = ["fit", "--config", str(REPO / "configs" / "shakespeare.yaml"), "--config", str(config)]
+    if config.parent.name == "finetune":  # `finetune`'s own configs; lora.yaml composes with instruct.yaml
+        args = ["finetune", "fit", "--config", str(REPO / "configs" / "finetune" / "instruct.yaml"), "--config",
+                str(config)]
     result = run_cli(*args, "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "model:" in result.stdout and "trainer:" in result.stdout
@@ -91,11 +94,11 @@ def test_help_lists_every_command_with_a_summary(capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m project ") and "__main__" not in out
     listed = {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines() if line.startswith("  ")}
-    assert set(listed) == set(LightningCLI.subcommands()) | set(COMMANDS)
+    assert set(listed) == set(LightningCLI.subcommands()) | set(COMMANDS) | {"finetune"}  # finetune: a LightningCLI
     assert all(summary.strip() for summary in listed.values())
 
 
-@pytest.mark.parametrize("command", ["fit", "generate", "export", "consolidate", "serve", "prepare"])
+@pytest.mark.parametrize("command", ["fit", "generate", "export", "consolidate", "serve", "prepare", "finetune"])
 def test_each_command_has_its_own_help(command, capsys):
     from project.commands import main
 

@@ -23,7 +23,8 @@ from project.generate import (
     top_k_filter,
     top_p_filter,
 )
-from project.model import GPT, GPTConfig
+from project.decoding import Decoder
+from project.model import GPT, GPTConfig, KVCache
 from project.tokenizer import CharTokenizer, TiktokenTokenizer
 
 CONFIGS = {"gpt2": GPT2_STYLE, "llama": dict(LLAMA_STYLE, n_kv_head=2)}
@@ -49,35 +50,32 @@ def tiny_model(kind: str, vocab_size: int = 50) -> GPT:
 class ScriptedModel(nn.Module):
     """A fake GPT that emits a fixed continuation per row, whatever it is fed (with or without a cache).
 
-    The next token after a sequence of length n is script[row, n - prompt_len] (then token 0 forever).
+    The next token after a sequence of length n is script[row, n - prompt_len] (then token 0 forever); with a KV
+    cache, the row is the cache slot.
     """
 
     def __init__(self, script: list[list[int]], prompt_len: int, vocab_size: int, block_size: int = 256) -> None:
         super().__init__()
         self.config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=1, n_embd=4)
-        self.dummy = nn.Parameter(torch.zeros(1))
+        self.lm_head = nn.Linear(4, vocab_size, bias=False)  # only read for the KV cache's device and dtype
         width = max(len(row) for row in script)
         self.script = torch.tensor([row + [0] * (width - len(row)) for row in script])
         self.prompt_len = prompt_len
-        self.cached = False
 
-    def setup_kv_cache(self, batch_size: int, device=None, dtype=None) -> None:
-        self.cached = True
-
-    def clear_kv_cache(self) -> None:
-        self.cached = False
-
-    def prepare_decode_head(self) -> None:
-        pass  # the script has no head
-
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, **_) -> torch.Tensor:
-        length = idx.size(1) if input_pos is None else int(input_pos[-1]) + 1
-        step = length - self.prompt_len
-        rows = self.script[: idx.size(0)]
-        next_ids = rows[:, step] if 0 <= step < rows.size(1) else torch.zeros(idx.size(0), dtype=torch.long)
-        logits = torch.zeros(idx.size(0), idx.size(1), self.config.vocab_size)
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, last_only: bool = False,
+                kv_cache=None, slot: int = 0) -> torch.Tensor:
+        B, T = idx.shape
+        if input_pos is None:
+            lengths = torch.full((B,), T)
+        else:  # one position per row for single tokens, else the positions of every row
+            lengths = input_pos.expand(B) + 1 if T == 1 else torch.full((B,), int(input_pos[-1]) + 1)
+        next_ids = torch.zeros(B, dtype=torch.long)
+        for b, (row, step) in enumerate(zip(range(slot, slot + B), (lengths - self.prompt_len).tolist())):
+            if row < self.script.size(0) and 0 <= step < self.script.size(1):
+                next_ids[b] = self.script[row, step]
+        logits = torch.zeros(B, T, self.config.vocab_size)
         logits[:, -1].scatter_(1, next_ids[:, None], 10.0)
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 # --- the KV cache ----------------------------------------------------------------------------------
@@ -91,16 +89,13 @@ def test_cached_logits_match_full_forward(kind, prompt_len):
     idx = torch.randint(0, model.config.vocab_size, (3, block))
     with torch.no_grad():
         full = model(idx)  # (B, block, V): causal, so position t only sees tokens <= t
-        model.setup_kv_cache(batch_size=3)
-        try:
-            prefill = model(idx[:, :prompt_len], input_pos=torch.arange(prompt_len))
-            torch.testing.assert_close(prefill, full[:, :prompt_len], atol=1e-5, rtol=1e-5)
-            for t in range(prompt_len, block):
-                step = model(idx[:, t : t + 1], input_pos=torch.tensor([t]))
-                torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(step[:, 0], model(idx[:, : t + 1])[:, -1], atol=1e-5, rtol=1e-5)
-        finally:
-            model.clear_kv_cache()
+        cache = KVCache(model, slots=3)
+        prefill = model(idx[:, :prompt_len], input_pos=torch.arange(prompt_len), kv_cache=cache)
+        torch.testing.assert_close(prefill, full[:, :prompt_len], atol=1e-5, rtol=1e-5)
+        for t in range(prompt_len, block):
+            step = model(idx[:, t : t + 1], input_pos=torch.tensor([t]), kv_cache=cache)
+            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(step[:, 0], model(idx[:, : t + 1])[:, -1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -110,9 +105,7 @@ def test_cached_last_logits_only(kind):
     with torch.no_grad():
         full = model(idx)
         torch.testing.assert_close(model(idx, last_only=True), full[:, -1:], atol=1e-5, rtol=1e-5)
-        model.setup_kv_cache(2)
-        cached = model(idx, input_pos=torch.arange(7), last_only=True)
-        model.clear_kv_cache()
+        cached = model(idx, input_pos=torch.arange(7), last_only=True, kv_cache=KVCache(model, slots=2))
     assert cached.shape == (2, 1, model.config.vocab_size)
     torch.testing.assert_close(cached, full[:, -1:], atol=1e-5, rtol=1e-5)
 
@@ -136,22 +129,16 @@ def test_greedy_same_with_and_without_cache_past_block_size(kind, prompt_len):
 def test_compiled_decode_step_matches_eager_decoding(kind):
     """torch.compile'd single-token steps: the full forward's logits at every position, the same greedy tokens
     (also once the window slides past block_size), and top-k sampling identical for the same seed."""
-    from project.generate import compiled_decode_step
-
     model = tiny_model(kind)
     block = model.config.block_size
-    step = compiled_decode_step("cpu")
     idx = torch.randint(0, model.config.vocab_size, (2, block))
     with torch.inference_mode():
         full = model(idx)
-        model.setup_kv_cache(batch_size=2)
-        try:
-            model(idx[:, :3], input_pos=torch.arange(3))
-            for t in range(3, block):  # one graph serves every position: the cache keeps its shape
-                torch.testing.assert_close(step(model, idx[:, t : t + 1], torch.tensor([t]))[:, 0], full[:, t],
-                                           atol=1e-5, rtol=1e-5)
-        finally:
-            model.clear_kv_cache()
+    decoder = Decoder(model, slots=2, compile=True)
+    decoder.prefill(0, idx[:, :3])
+    for t in range(3, block):  # one graph serves every position: the cache keeps its shape
+        decoder.tokens[:2] = idx[:, t]
+        torch.testing.assert_close(decoder.step(2)[1], full[:, t], atol=1e-5, rtol=1e-5)
     prompt = idx[:, :4]
     eager = generate(model, prompt, sampling(2 * block, temperature=0.0))
     assert torch.equal(generate(model, prompt, sampling(2 * block, temperature=0.0), compile=True), eager)
@@ -322,7 +309,6 @@ def test_eot_ends_generation_and_pads_finished_rows():
         assert out.tolist() == [[7, 7, 1, 2, EOT, EOT, EOT], [8, 8, 1, 2, 3, 4, EOT]]
     # without eot_id the script just runs to max_new_tokens
     assert generate(model, idx, sampling(8, temperature=0.0)).shape == (2, 10)
-    assert not model.cached
 
 
 def test_stop_strings_end_generation():
@@ -409,8 +395,7 @@ def test_generation_leaves_the_model_as_it_was(kind):
         assert m.training
         assert list(m.state_dict()) == keys
         assert [name for name, _ in m.named_buffers()] == buffers
-        assert all(block.attn.kv_cache is None for block in m.blocks)
-        assert not any("kv_cache" in name for name, _ in m.named_modules())
+        assert not any("cache" in name for name, _ in m.named_modules())
     model.eval()
     generate(model, torch.zeros(1, 3, dtype=torch.long), sampling(3))
     assert not model.training
@@ -433,13 +418,26 @@ def test_generation_leaves_the_model_as_it_was(kind):
 def test_cli_generate_streams_reproducible_text(trained_run):
     args = ("generate", "--ckpt_path", str(trained_run["ckpt"]), "--prompt", "ROMEO:", "--generation.seed", "1",
             "--stream", "true", "--generation.max_new_tokens", "60")
-    first = run_cli(*args, cwd=trained_run["root"])
+    first = run_cli(*args, "--compile", "true", cwd=trained_run["root"])
     assert first.returncode == 0, first.stderr[-2000:]
-    assert first.stdout.startswith("ROMEO:")
+    assert first.stdout.startswith("ROMEO:") and "compiled the decoding step in" in first.stderr
     assert len(first.stdout) > len("ROMEO:") + 10
-    second = run_cli(*args, cwd=trained_run["root"])
+    second = run_cli(*args, cwd=trained_run["root"])  # 60 tokens: not compiled by default
     assert second.returncode == 0, second.stderr[-2000:]
-    assert second.stdout == first.stdout
+    assert second.stdout == first.stdout and "compiled" not in second.stderr
+
+
+def test_generate_runs_in_bfloat16(trained_run, capsys):
+    from project.commands import generate_command
+
+    args = dict(ckpt_path=str(trained_run["ckpt"]), prompt="ROMEO:", compile=False,
+                generation=GenerationSettings(max_new_tokens=20, temperature=0))
+    generate_command(**args)
+    f32 = capsys.readouterr().out
+    generate_command(**args, dtype="bfloat16")
+    bf16 = capsys.readouterr().out
+    assert f32.startswith("ROMEO:") and bf16.startswith("ROMEO:") and len(bf16) == len(f32)  # 20 characters each
+    # (how far bfloat16 logits move: tests/test_decoding.py and benchmarks/README.md)
 
 
 def test_benchmark_quick_prints_the_table():

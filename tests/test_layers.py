@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "project"
 LAYERS = [  # lowest first: (name, the modules and subpackages in it)
     ("core", {"project.files", "project.extras", "project.threads", "project.model", "project.tokenizer",
-              "project.generate"}),
+              "project.decoding", "project.generate", "project.chat", "project.lora"}),
     ("data", {"project.data"}),
     ("formats", {"project.formats"}),
     ("training", {"project.training"}),

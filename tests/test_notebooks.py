@@ -24,6 +24,7 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 NOTEBOOK_TIMEOUT = 180  # seconds per notebook, all cells together
 CHAPTERS = ["01-tokens-and-embeddings", "02-attention", "03-the-transformer-block", "04-training",
             "05-generation-and-sharing", "06-your-own-tokenizer", "07-scaling-out",
+            "08-fine-tuning-for-classification", "09-instruction-fine-tuning-with-lora",
             "appendix-a-manual-derivatives"]
 
 

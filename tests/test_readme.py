@@ -41,6 +41,10 @@ TINY = ["--model.config.n_layer", "1", "--model.config.n_head", "2", "--model.co
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
         "--samples.max_new_tokens", "2", "--trainer.enable_progress_bar", "false"]
 LIGHTNING = ("fit", "validate", "test", "predict")
+# `finetune fit|validate|test|predict`: the model is the README's base (its tiny version), so only the run is shortened
+FINETUNE_TINY = ["--data.batch_size", "2", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                 "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+                 "--trainer.limit_predict_batches", "1", "--trainer.enable_progress_bar", "false"]
 PARSE_ONLY = [  # (why, pattern on the project command's words): checked with --print_config, not run
     ("needs a GPU", r"--trainer\.accelerator gpu|gpt2-124m"),
     ("needs several processes or nodes", r"--trainer\.devices [2-9]|--trainer\.num_nodes"),
@@ -157,6 +161,7 @@ def test_every_readme_command_runs_or_parses(sandbox, capsys, monkeypatch):
                 if args[:1] == ["evaluate"] and "--choices" in args:
                     write_quiz(text, Path(args[args.index("--choices") + 1]))
                 extra = TINY if args[0] in LIGHTNING and "--print_config" not in args else []
+                extra = FINETUNE_TINY if args[0] == "finetune" else extra
                 with monkeypatch.context() as scoped:  # VAR=value before a command sets it for that command only
                     for key, value in command.env.items():
                         scoped.setenv(key, value)
@@ -272,7 +277,7 @@ def test_readme_counts_match_the_tree():
     linked = set(re.findall(r"\]\((notebooks/[\w.-]+\.ipynb)\)", text))
     assert linked == {f"notebooks/{p.name}" for p in (REPO / "notebooks").glob("*.ipynb")}
     chapters = len([p for p in (REPO / "notebooks").glob("[0-9]*.ipynb")])
-    words = {6: "Six", 7: "Seven", 8: "Eight"}
+    words = {6: "Six", 7: "Seven", 8: "Eight", 9: "Nine", 10: "Ten"}
     assert f"{words[chapters]} notebooks build the model" in text
     config = yaml.safe_load((REPO / "configs" / "gpt2-124m.yaml").read_text())["model"]["config"]
     with torch.device("meta"), WithoutInitialisation():

@@ -16,6 +16,7 @@ before a model is built or Lightning restores anything.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import types
@@ -26,8 +27,10 @@ from pathlib import Path
 
 import torch
 
+from project.chat import PromptTemplate, prompt_template
 from project.files import atomic_path, check_new_file
-from project.formats.hf import read_hf_directory
+from project.formats.hf import read_hf_directory, read_prompt_template
+from project.lora import LoRASettings, add_lora, is_lora_key, merge_lora
 from project.model import GPT, GPTConfig
 from project.tokenizer import Tokenizer, tokenizer_from_state
 
@@ -43,6 +46,9 @@ class LoadedCheckpoint:
     metrics: dict = field(default_factory=dict)  # the latest validation's val/loss, val/bpb..., and "best val/loss"
     split: dict = field(default_factory=dict)  # how training split its corpus (project.data.corpus.Split's fields)
     training_lines: torch.Tensor | None = None  # the training text's fingerprint (project.data.overlap)
+    template: PromptTemplate | None = None  # how to prompt an instruction-tuned model (None: a base model)
+    lora: LoRASettings | None = None  # set when the model holds unmerged LoRA layers (load_checkpoint(merge=False))
+    base: str | None = None  # a LoRA checkpoint's base model (its path)
 
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
@@ -143,10 +149,20 @@ def check_checkpoint(checkpoint, path: Path) -> None:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"checkpoint {path} is not a checkpoint of this project (no state_dict)")
     config = stored_config(checkpoint, path)
-    foreign = [key for key in checkpoint["state_dict"] if not (isinstance(key, str) and key.startswith("model."))]
+    tuning = fine_tuning(checkpoint["hyper_parameters"], path)
+    head = {"head.weight": (len(tuning.classes or ()), config.n_embd)}  # no bias, like transformers' `score`
+    foreign = [key for key in checkpoint["state_dict"] if not (isinstance(key, str) and key.startswith("model."))
+               and not (tuning.task == "classify" and key in head)]
     if foreign:
         raise ValueError(f"checkpoint {path} holds weights no GPTModule has ({', '.join(map(str, foreign[:3]))})")
-    check_weights(model_state_dict(checkpoint), config, path)
+    check_weights(model_state_dict(checkpoint), config, path, lora=tuning.lora)
+    if tuning.task == "classify":  # a classifier's head reads the final hidden state: one row per class
+        for key, shape in head.items():
+            tensor = checkpoint["state_dict"].get(key)
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
+                raise ValueError(f"checkpoint {path} is a classifier of {shape[0]} classes whose {key} "
+                                 f"{'is missing' if tensor is None else f'is not a {shape} tensor'}: the checkpoint "
+                                 "was edited")
     if "tokenizer" in checkpoint:
         try:
             tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
@@ -195,10 +211,14 @@ def value_fits(value, hint) -> bool:
     return type(value) is hint
 
 
-def check_weights(stored: dict, config: GPTConfig, path: Path) -> None:
-    """The stored weights are exactly the tensors `config` builds (names and shapes), and finite."""
+def check_weights(stored: dict, config: GPTConfig, path: Path, lora: LoRASettings | None = None) -> None:
+    """The stored weights are exactly the tensors `config` builds (names and shapes; with `lora`, the adapters
+    alone: the other weights are the base's), and finite."""
     with torch.device("meta"), WithoutInitialisation():  # shapes only: no memory, no random numbers
-        expected = GPT(config).state_dict()
+        model = GPT(config)
+        if lora is not None:
+            add_lora(model, lora)
+        expected = model.state_dict()
     for key, tensor in stored.items():
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"checkpoint {path}: weight {key} is a {type(tensor).__name__}, not a tensor")
@@ -207,6 +227,8 @@ def check_weights(stored: dict, config: GPTConfig, path: Path) -> None:
                              f"the config (vocab_size={config.vocab_size}, block_size={config.block_size}, "
                              f"n_embd={config.n_embd}) makes it {tuple(expected[key].shape)}")
     missing = [k for k in expected if k not in stored and not (k == "lm_head.weight" and config.tie_embeddings)]
+    if lora is not None:  # a LoRA checkpoint holds the adapters; the other weights are its base's
+        missing = [k for k in missing if is_lora_key(k)]
     unexpected = [k for k in stored if k not in expected]
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match its stored config (missing {missing[:3]}, "
@@ -280,16 +302,31 @@ def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild the GPT and tokenizer stored in a checkpoint written by `python -m project fit`."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, merge: bool = True) -> LoadedCheckpoint:
+    """Rebuild the GPT and tokenizer stored in a checkpoint written by `python -m project fit` (or `finetune fit`).
+
+    A LoRA checkpoint is loaded onto its base (checked by SHA-256) and, with `merge`, merged into a plain GPT;
+    without, the model keeps its LoRA layers (`LoadedCheckpoint.lora` set). A classifier is refused: it answers
+    with labels, through `python -m project finetune predict`.
+    """
     device = resolve_device(device)
     checkpoint = read_checkpoint(path)  # checked: the config builds exactly these weights
     if "tokenizer" not in checkpoint:
         raise ValueError(f"checkpoint {path} lacks its tokenizer: pass a .ckpt written by fit")
+    tuning = fine_tuning(checkpoint["hyper_parameters"], path)
+    if tuning.task == "classify":
+        raise ValueError(f"checkpoint {path} is a classifier (task=classify), which answers with labels: use python "
+                         f"-m project finetune predict --ckpt_path {path} --data.predict_path FILE")
     config = GPTConfig(**checkpoint["hyper_parameters"]["config"])
     tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
-    model = GPT(config)
-    model.load_state_dict(model_state_dict(checkpoint), strict=False)  # only a tied lm_head.weight is missing
+    if tuning.lora is not None:
+        model = load_base(tuning, path).model
+        add_lora(model, tuning.lora)
+    else:
+        model = GPT(config)
+    model.load_state_dict(model_state_dict(checkpoint), strict=False)  # a tied lm_head.weight (or the base's) only
+    if tuning.lora is not None and merge:
+        model = merge_lora(model)
     model.to(device).eval()
     stored = checkpoint.get("metrics") if isinstance(checkpoint.get("metrics"), dict) else {}  # GPTModule's
     metrics = {k: float(v) for k, v in stored.items() if isinstance(v, (int, float))}  # last val/loss, val/bpb...
@@ -301,7 +338,96 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     lines = lines if isinstance(lines, torch.Tensor) and lines.dtype == torch.int64 and lines.dim() == 1 else None
     split = {k: float(v) for k, v in text["split"].items() if k in ("val_fraction", "test_fraction")
              and isinstance(v, (int, float))} if isinstance(text.get("split"), dict) else {}
-    return LoadedCheckpoint(model, tokenizer, Path(path), checkpoint.get("global_step", 0), metrics, split, lines)
+    return LoadedCheckpoint(model, tokenizer, Path(path), checkpoint.get("global_step", 0), metrics, split, lines,
+                            template=tuning.template, lora=None if merge else tuning.lora, base=tuning.init_from)
+
+
+# --- fine-tuned checkpoints ------------------------------------------------------------------------------------
+
+
+@dataclass
+class FineTuning:
+    """What a fine-tuned checkpoint's hyperparameters say (all None for a pretrained model's)."""
+
+    task: str | None = None  # "instruct" or "classify"
+    template: PromptTemplate | None = None
+    lora: LoRASettings | None = None  # the checkpoint holds LoRA adapters for the base below
+    classes: list[str] | None = None
+    init_from: str | None = None  # a LoRA checkpoint's base
+    base_sha256: str | None = None
+
+
+def fine_tuning(hparams: dict, path: Path | str) -> FineTuning:
+    """The fine-tuning fields of checked hyperparameters; ValueError naming the field when one is malformed."""
+    task = hparams.get("task")
+    if task not in (None, "instruct", "classify"):
+        raise ValueError(f"checkpoint {path} has an unknown task {task!r}: this project fine-tunes instruct or classify")
+    try:
+        template = None if hparams.get("template") is None else prompt_template(hparams["template"])
+        lora = None if hparams.get("lora") is None else LoRASettings(**hparams["lora"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"checkpoint {path} has invalid fine-tuning settings ({err})") from None
+    classes = hparams.get("classes")
+    if task == "classify" and not (isinstance(classes, list) and len(classes) >= 2
+                                   and all(isinstance(c, str) for c in classes)):
+        raise ValueError(f"checkpoint {path} is a classifier without its class names (hyper_parameters.classes)")
+    if task == "instruct" and template is None:
+        raise ValueError(f"checkpoint {path} is instruction-tuned but has no prompt template")
+    init_from, digest = hparams.get("init_from"), hparams.get("base_sha256")
+    if lora is not None and not (isinstance(init_from, str) and isinstance(digest, str)):
+        raise ValueError(f"checkpoint {path} holds LoRA adapters but does not name its base (init_from, base_sha256)")
+    return FineTuning(task, template, lora, classes, init_from, digest)
+
+
+def weights_digest(path: str | Path) -> str:
+    """SHA-256 of a checkpoint file, or of every file in a folder (names and bytes, in name order): what a LoRA
+    checkpoint records of its base, so a changed base is noticed."""
+    path = local_path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        if file != path:
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_base(tuning: FineTuning, path: Path | str) -> LoadedCheckpoint:
+    """The base model of a LoRA checkpoint (merged, if it is a LoRA checkpoint itself), checked to be the one the
+    adapters were trained on."""
+    base = local_path(tuning.init_from)
+    if not base.exists():
+        raise FileNotFoundError(f"the base of LoRA checkpoint {path}, {base}, does not exist: put it back there, or "
+                                "merge the adapters while it exists (python -m project merge-lora)")
+    if weights_digest(base) != tuning.base_sha256:
+        raise ValueError(f"the base of LoRA checkpoint {path}, {base}, changed since the adapters were trained on it "
+                         "(its SHA-256 differs): restore that base, or fine-tune again")
+    return load_model(base)
+
+
+def save_merged(path: str | Path, out: str | Path) -> Path:
+    """Merge a LoRA checkpoint's adapters into its base and write a self-contained checkpoint (weights, the
+    tokenizer, the task and template; no optimizer state) that needs the base no more."""
+    target = Path(out)
+    if target.exists():
+        raise FileExistsError(f"{target} exists; choose another --out or remove it")
+    checkpoint = read_checkpoint(path)
+    tuning = fine_tuning(checkpoint["hyper_parameters"], path)
+    if tuning.lora is None:
+        raise ValueError(f"checkpoint {path} holds no LoRA adapters: it is complete already")
+    if tuning.task == "classify":
+        raise ValueError(f"checkpoint {path} is a classifier: merging keeps its head outside transformers' formats; "
+                         "use it through python -m project finetune predict")
+    loaded = load_checkpoint(path)
+    hparams = {**checkpoint["hyper_parameters"], "lora": None, "init_from": None, "base_sha256": None}
+    merged = {"state_dict": {f"model.{k}": v for k, v in loaded.model.state_dict().items()},
+              "hyper_parameters": hparams, "tokenizer": checkpoint["tokenizer"],
+              "global_step": checkpoint.get("global_step", 0)}
+    with atomic_path(target) as staging:
+        torch.save(merged, staging)
+    return target
 
 
 def consolidate_checkpoint(*, ckpt_path: str, out: str) -> Path:
@@ -368,5 +494,5 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedCheckpoint:
     if path.is_dir() and not (path / ".metadata").exists() and exported:
         device = resolve_device(device)
         model, tokenizer = read_hf_directory(path)
-        return LoadedCheckpoint(model.to(device), tokenizer, path)
+        return LoadedCheckpoint(model.to(device), tokenizer, path, template=read_prompt_template(path))
     return load_checkpoint(path, device=device)

@@ -42,6 +42,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
+from project.chat import PromptTemplate
 from project.generate import GenerationSettings
 from project.extras import require_extra
 from project.files import atomic_path, atomic_write
@@ -261,8 +262,10 @@ def tensor_data(name: str, tensor: torch.Tensor, dtype: str):
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0"}
 
 
-def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = "f32", name: str = "project-gpt") -> Path:
-    """Write `model` and `tokenizer` as one GGUF file at `path` (replaced if it exists)."""
+def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = "f32", name: str = "project-gpt",
+               template: PromptTemplate | None = None) -> Path:
+    """Write `model` and `tokenizer` as one GGUF file at `path` (replaced if it exists); an instruction-tuned
+    model's `template` as `tokenizer.chat_template`, which llama.cpp applies to chat requests."""
     gguf = _require_gguf()
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}: choose one of {', '.join(GGUF_DTYPES)}")
@@ -271,12 +274,13 @@ def write_gguf(model: GPT, tokenizer: Tokenizer, path: str | Path, dtype: str = 
     vocab = gguf_vocab(tokenizer, config.vocab_size)  # refuses an unsupported tokenizer before any writing
     tensors = gguf_tensors(model)
     with atomic_path(path) as staging:  # a failure never leaves a half-written file at `path`
-        _write_contents(gguf.GGUFWriter(staging, arch), arch, config, vocab, tensors, dtype, name)
+        chat_template = None if template is None else template.jinja(tokenizer.eot_text)
+        _write_contents(gguf.GGUFWriter(staging, arch), arch, config, vocab, tensors, dtype, name, chat_template)
     return Path(path)
 
 
 def _write_contents(writer, arch: str, config: GPTConfig, vocab: GGUFVocab, tensors: dict[str, torch.Tensor],
-                    dtype: str, name: str) -> None:
+                    dtype: str, name: str, chat_template: str | None) -> None:
     """Hyperparameters, tokenizer and tensors through an open GGUFWriter, which is closed at the end."""
     gguf = _require_gguf()
     try:
@@ -308,6 +312,8 @@ def _write_contents(writer, arch: str, config: GPTConfig, vocab: GGUFVocab, tens
             writer.add_bos_token_id(vocab.eos_id)  # GPT-2 has one end-of-text token for both
             writer.add_eos_token_id(vocab.eos_id)
         writer.add_add_bos_token(False)  # our models were trained without a start token
+        if chat_template is not None:
+            writer.add_chat_template(chat_template)
         for tensor_name, tensor in tensors.items():
             data, ggml_type = tensor_data(tensor_name, tensor, dtype)
             writer.add_tensor(tensor_name, data, raw_dtype=ggml_type)
@@ -318,15 +324,16 @@ def _write_contents(writer, arch: str, config: GPTConfig, vocab: GGUFVocab, tens
         writer.close()
 
 
-def modelfile_text(gguf_name: str, config: GPTConfig, eot_text: str | None) -> str:
-    """An Ollama Modelfile for a plain text-completion model: the prompt goes in as it is, no chat template."""
+def modelfile_text(gguf_name: str, config: GPTConfig, eot_text: str | None,
+                   template: PromptTemplate | None = None) -> str:
+    """An Ollama Modelfile: a base model gets the prompt as it is; an instruction-tuned one its chat template."""
     settings = GenerationSettings()  # the project's own sampling defaults
     lines = [
         "# Ollama: ollama create NAME -f Modelfile, then ollama run NAME \"ROMEO:\"",
         f"# the model's context is {config.block_size} tokens: prompt and reply together must fit in it (a model with",
         "# learned positions has none beyond it), so a reply is capped at half of it, leaving the rest for the prompt",
         f"FROM ./{gguf_name}",
-        'TEMPLATE """{{ .Prompt }}"""',
+        f'TEMPLATE """{"{{ .Prompt }}" if template is None else template.go(eot_text)}"""',
         f"PARAMETER num_ctx {config.block_size}",
         f"PARAMETER num_predict {config.block_size // 2}",
         f"PARAMETER temperature {settings.temperature}",
@@ -354,13 +361,14 @@ def check_gguf_output(out: str | Path, overwrite: bool = False) -> None:
 
 
 def export_gguf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, dtype: str = "f32",
-                overwrite: bool = False) -> Path:
-    """Write `out`/model.gguf (weights at `dtype`, tokenizer, hyperparameters) and `out`/Modelfile for Ollama.
+                overwrite: bool = False, template: PromptTemplate | None = None) -> Path:
+    """Write `out`/model.gguf (weights at `dtype`, tokenizer, hyperparameters, chat template) and `out`/Modelfile
+    for Ollama.
 
     Returns the .gguf path. Existing files in `out` are replaced only with `overwrite`.
     """
     check_gguf_output(out, overwrite)
     gguf_path, modelfile_path = gguf_outputs(out)
-    write_gguf(model, tokenizer, gguf_path, dtype=dtype, name=Path(out).resolve().name)
-    atomic_write(modelfile_path, modelfile_text(gguf_path.name, model.config, tokenizer.eot_text))
+    write_gguf(model, tokenizer, gguf_path, dtype=dtype, name=Path(out).resolve().name, template=template)
+    atomic_write(modelfile_path, modelfile_text(gguf_path.name, model.config, tokenizer.eot_text, template))
     return gguf_path

@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 
+from project.chat import PromptTemplate, prompt_template
 from project.extras import require_extra
 from project.files import remove_path, remove_stale_temporaries, set_default_modes, temporary_path
 from project.model import GPT, GPTConfig, architecture_fields
 from project.tokenizer import Tokenizer, tokenizer_from_hf_file
 
+TEMPLATE_FILE = "prompt_template.json"  # an instruction-tuned model's PromptTemplate fields (project/chat.py)
 GPT2_ACTIVATIONS = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}  # ours -> transformers, bit-identical ops
 GPT2_ACTIVATIONS_IN = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
@@ -340,6 +342,17 @@ def read_hf_directory(path: Path) -> tuple[GPT, Tokenizer]:
     return model, tokenizer
 
 
+def read_prompt_template(path: Path) -> PromptTemplate | None:
+    """The prompt template an export of an instruction-tuned model holds (prompt_template.json), else None."""
+    file = path / TEMPLATE_FILE
+    if not file.is_file():
+        return None
+    try:
+        return prompt_template(json.loads(file.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
+        raise ValueError(f"{file} is not a prompt template of this project ({err}): export the model again") from None
+
+
 # --- tokenizers ------------------------------------------------------------------------------------------
 
 
@@ -408,9 +421,13 @@ def hf_architecture(config: GPTConfig) -> str:
     return "GPT2LMHeadModel" if hf_family(config) == "gpt2" else "LlamaForCausalLM"
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: bool = False) -> Path:
+def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: bool = False,
+              template: PromptTemplate | None = None) -> Path:
     """Write `model` and `tokenizer` as a transformers directory: config.json, model.safetensors,
-    generation_config.json and tokenizer files. An existing non-empty `out` needs `overwrite`."""
+    generation_config.json and tokenizer files. An existing non-empty `out` needs `overwrite`.
+
+    An instruction-tuned model's `template` becomes the tokenizer's `chat_template` (in tokenizer_config.json, so
+    `tokenizer.apply_chat_template` prompts it as it was trained), and its fields prompt_template.json."""
     out = check_export_target(out, overwrite)
     hf_family(model.config)  # refuse an unsupported architecture before any work
     if tokenizer.vocab_size > model.config.vocab_size:
@@ -419,6 +436,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: b
     if next(model.parameters()).dtype == torch.float32:  # lower precisions would differ by rounding alone
         check_parity(model, hf_model)
     hf_tok = hf_tokenizer(tokenizer, model_max_length=model.config.block_size)
+    if template is not None:
+        hf_tok.chat_template = template.jinja(tokenizer.eot_text)
     # write everything to a staging folder beside `out` first (`.NAME.PID.tmp`, removed on failure and cleared as
     # stale when its process is gone), so a failure never leaves a half-written export behind
     remove_stale_temporaries(out.parent, out.name)  # what killed exports to `out` left
@@ -427,7 +446,9 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: b
     staging.mkdir(parents=True)
     try:
         hf_model.save_pretrained(staging, safe_serialization=True)
-        hf_tok.save_pretrained(staging)
+        hf_tok.save_pretrained(staging, save_jinja_files=False)  # the chat template inside tokenizer_config.json
+        if template is not None:
+            (staging / TEMPLATE_FILE).write_text(json.dumps(template.to_dict(), indent=2) + "\n", encoding="utf-8")
         if not (staging / "generation_config.json").is_file():
             hf_model.generation_config.save_pretrained(staging)
         _patch_json(staging / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")  # 4.x readers too
@@ -435,7 +456,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: str | Path, *, overwrite: b
             _patch_json(staging / "config.json", rope_theta=float(model.config.rope_base))
         set_default_modes(staging)  # safetensors writes its file 0600
         out.mkdir(exist_ok=True)
-        for stale in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
+        for stale in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                      TEMPLATE_FILE, "chat_template.jinja"):
             (out / stale).unlink(missing_ok=True)
         for stale in out.glob("model-*-of-*.safetensors"):
             stale.unlink()

@@ -3,21 +3,25 @@
     python -m project serve --ckpt_path runs/gpt/version_0/checkpoints/last.ckpt       (http://127.0.0.1:7860)
 
 Generate: a prompt, streamed completion, sampling controls (max new tokens capped by the context,
-temperature, top-k, top-p, seed), TinyShakespeare example prompts and a panel describing the model.
+temperature, top-k, top-p, seed), TinyShakespeare example prompts and a panel describing the model. An
+instruction-tuned model (python -m project finetune) answers the prompt as an instruction, through its template.
 Attention: for a prompt, one layer's and head's attention weights over the prompt tokens as a heatmap, and
 the next-token top-10 probabilities as a bar chart.
 
 Bad input (an empty or too long prompt, a value out of range) gives a message in the page, never a stack
-trace; requests are queued with a concurrency limit, and a failed request leaves the app serving.
+trace. Generation goes through the server's scheduler (project/serve/scheduler.py), beside the API's requests and
+under the same admission limit: when its queue is full the page says when to try again. A failed request leaves
+the app serving.
 
 `serve` puts the page and an OpenAI-compatible API (/v1) on one FastAPI app and port (project/serve/server.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
@@ -25,7 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from project.formats.checkpoint import LoadedCheckpoint
-from project.generate import GenerationSettings, request_model, stream
+from project.generate import CompletionText, GenerationSettings
+from project.serve.scheduler import Busy, Failed, Finished, Request, Scheduler, Token
 
 if TYPE_CHECKING:  # gradio and matplotlib are imported when the app is built, so `import project.commands` stays light
     import gradio as gr
@@ -34,8 +39,10 @@ if TYPE_CHECKING:  # gradio and matplotlib are imported when the app is built, s
 log = logging.getLogger(__name__)
 
 EXAMPLE_PROMPTS = ["ROMEO:", "First Citizen:\n", "JULIET:\nO Romeo"]
+EXAMPLE_INSTRUCTIONS = ["Continue this speech by ROMEO.", "Which character speaks these lines?"]
 TOP_N = 10  # next-token probabilities shown
 MAX_LABELLED_TOKENS = 48  # beyond this many prompt tokens, the heatmap labels every n-th token only
+ATTENTION_CONCURRENCY = 2  # attention views drawn at once (a full forward and two figures each); the rest queue
 
 
 # --- what the page shows -------------------------------------------------------------------------------------
@@ -85,11 +92,13 @@ class Limits:
 class App:
     """The request handlers behind the page, callable directly (tests, notebooks) as well as from Gradio."""
 
-    def __init__(self, loaded: LoadedCheckpoint, max_prompt_chars: int = 2000) -> None:
+    def __init__(self, loaded: LoadedCheckpoint, scheduler: Scheduler, max_prompt_chars: int = 2000) -> None:
         if max_prompt_chars < 1:
             raise ValueError(f"max_prompt_chars must be >= 1, got {max_prompt_chars}")
         self.loaded = loaded
+        self.scheduler = scheduler
         self.limits = Limits(max_prompt_chars, loaded.model.config.block_size)
+        self.chat = loaded.template is not None  # prompts are instructions, answered through the template
         self.device = next(loaded.model.parameters()).device
 
     # -- validation ----------------------------------------------------------------------------------------
@@ -100,7 +109,11 @@ class App:
             raise ValueError("the prompt is empty: type some text to continue (e.g. ROMEO:)")
         if len(prompt) > self.limits.max_prompt_chars:
             raise ValueError(f"the prompt has {len(prompt)} characters; the limit is {self.limits.max_prompt_chars}")
-        ids = self.loaded.tokenizer.encode(prompt)
+        if self.chat:
+            ids, _ = self.loaded.template.encode([{"role": "user", "content": prompt}], self.loaded.tokenizer,
+                                                 add_generation_prompt=True)
+        else:
+            ids = self.loaded.tokenizer.encode(prompt)
         if len(ids) > self.limits.block_size:
             raise ValueError(f"the prompt is {len(ids)} tokens but the model's context is {self.limits.block_size}: "
                              "shorten it")
@@ -127,23 +140,44 @@ class App:
 
     # -- handlers ------------------------------------------------------------------------------------------
 
-    def generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed) -> Iterator[tuple[str, str]]:
-        """Yield (prompt + completion so far, status) as the text streams; a bad request yields one message."""
-        text = prompt or ""
+    async def generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed) -> AsyncIterator[tuple[str, str]]:
+        """Yield (prompt + completion so far, or a chat model's answer, status) as the text streams; a bad request
+        yields one message.
+
+        Past the end of the context the window slides, as `generate` does. Stopping the iteration (the Stop button,
+        a closed page) frees the request's slot.
+        """
+        shown = "" if self.chat else prompt or ""
+        text = shown
         try:
-            self.encode_prompt(prompt)
+            ids = self.encode_prompt(prompt)
             settings = self.settings(max_new_tokens, temperature, top_k, top_p, seed)
-            model = request_model(self.loaded.model)
-            yield text, "generating..."
-            for piece in stream(model, self.loaded.tokenizer, prompt, settings):
-                text += piece
-                yield text, "generating..."
-            yield text, f"done: {len(text) - len(prompt)} characters generated"
-        except ValueError as err:
+            eot_id = self.loaded.tokenizer.eot_id if settings.stop_at_eot else None
+            handle = self.scheduler.submit(Request(ids, settings, eot_id=eot_id, slide=True),
+                                           asyncio.get_running_loop())
+        except (ValueError, Busy) as err:
             yield text, self.fail(err)
-        except Exception as err:  # noqa: BLE001 - the page shows a line; the log keeps the traceback
-            log.exception("generation failed")
-            yield text, self.fail(f"internal error ({type(err).__name__}); the app is still running")
+            return
+        completion = CompletionText(self.loaded.tokenizer, settings)
+        try:
+            yield text, "generating..."
+            async for event in handle:
+                if isinstance(event, Token):
+                    piece = completion.add(event.id)
+                    if piece:
+                        text += piece
+                        yield text, "generating..."
+                    if completion.stopped:
+                        break
+                elif isinstance(event, Failed):
+                    yield text, self.fail(f"generation did not finish ({event.message})")
+                    return
+                elif isinstance(event, Finished):
+                    break
+            text += completion.end()
+            yield text, f"done: {len(text) - len(shown)} characters generated"
+        finally:
+            handle.cancel()
 
     @torch.inference_mode()
     def next_token_top(self, prompt: str, n: int = TOP_N) -> list[tuple[str, float]]:
@@ -239,16 +273,11 @@ def top_figure(top: list[tuple[str, float]]) -> Figure:
 # --- the page ---------------------------------------------------------------------------------------------------
 
 
-def build_app(loaded: LoadedCheckpoint, *, max_prompt_chars: int = 2000, concurrency_limit: int = 2,
-              max_queue: int = 32) -> gr.Blocks:
-    """The Gradio page for `loaded`, with its queue configured. API names: `generate`, `attention`."""
+def build_app(loaded: LoadedCheckpoint, scheduler: Scheduler, *, max_prompt_chars: int = 2000) -> gr.Blocks:
+    """The Gradio page for `loaded`, generating through `scheduler`. API names: `generate`, `attention`."""
     import gradio as gr
 
-    if concurrency_limit < 1:
-        raise ValueError(f"concurrency_limit must be >= 1, got {concurrency_limit}")
-    if max_queue < 1:
-        raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-    app = App(loaded, max_prompt_chars=max_prompt_chars)
+    app = App(loaded, scheduler, max_prompt_chars=max_prompt_chars)
     cfg = loaded.model.config
     vocab = loaded.tokenizer.vocab_size
     with gr.Blocks(title="GPT playground", analytics_enabled=False) as demo:
@@ -257,15 +286,16 @@ def build_app(loaded: LoadedCheckpoint, *, max_prompt_chars: int = 2000, concurr
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column(scale=3):
-                    prompt = gr.Textbox(label="Prompt", value=EXAMPLE_PROMPTS[0], lines=4, max_lines=12,
-                                        max_length=max_prompt_chars, elem_id="prompt",
+                    examples = EXAMPLE_INSTRUCTIONS if app.chat else EXAMPLE_PROMPTS
+                    prompt = gr.Textbox(label="Instruction" if app.chat else "Prompt", value=examples[0], lines=4,
+                                        max_lines=12, max_length=max_prompt_chars, elem_id="prompt",
                                         info=f"at most {max_prompt_chars} characters and {cfg.block_size} tokens")
                     with gr.Row():
                         run = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                         stop = gr.Button("Stop", variant="stop")
-                    gr.Examples(examples=[[p] for p in EXAMPLE_PROMPTS], inputs=[prompt], label="TinyShakespeare prompts")
-                    output = gr.Textbox(label="Prompt + completion", lines=12, max_lines=30, elem_id="output",
-                                        interactive=False)
+                    gr.Examples(examples=[[p] for p in examples], inputs=[prompt], label="TinyShakespeare prompts")
+                    output = gr.Textbox(label="Answer" if app.chat else "Prompt + completion", lines=12, max_lines=30,
+                                        elem_id="output", interactive=False)
                     status = gr.Textbox(label="Status", interactive=False, elem_id="status", max_lines=2)
                 with gr.Column(scale=2):
                     max_new_tokens = gr.Slider(1, app.limits.max_new_tokens, value=min(100, app.limits.max_new_tokens),
@@ -276,10 +306,11 @@ def build_app(loaded: LoadedCheckpoint, *, max_prompt_chars: int = 2000, concurr
                     seed = gr.Number(value=1337, precision=0, minimum=0, label="Seed", info="empty = random")
                     with gr.Accordion("Model", open=True):
                         gr.Markdown(model_card(loaded), elem_id="model-card")
+            # no limit of Gradio's own on generation: the scheduler admits (or refuses) every request
             event = run.click(app.generate, [prompt, max_new_tokens, temperature, top_k, top_p, seed],
-                              [output, status], api_name="generate")
+                              [output, status], api_name="generate", concurrency_limit=None)
             prompt.submit(app.generate, [prompt, max_new_tokens, temperature, top_k, top_p, seed], [output, status],
-                          api_visibility="private")
+                          api_visibility="private", concurrency_limit=None)
             stop.click(None, None, None, cancels=[event])
         with gr.Tab("Attention"):
             with gr.Row():
@@ -296,6 +327,6 @@ def build_app(loaded: LoadedCheckpoint, *, max_prompt_chars: int = 2000, concurr
                     bars = gr.Plot(label="Next-token probabilities", format="png")
                     table = gr.Dataframe(headers=["token", "probability"], label="Top 10", interactive=False)
             show.click(app.attention, [att_prompt, layer, head], [heatmap, bars, table, att_status], api_name="attention")
-    demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
+    demo.queue(default_concurrency_limit=ATTENTION_CONCURRENCY)
     demo.app_handlers = app  # the handlers, for tests and notebooks
     return demo

@@ -6,12 +6,14 @@ It listens on 127.0.0.1 unless `--host` says otherwise, and any other host needs
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import secrets
 import socket
 
 from project.formats.checkpoint import LoadedCheckpoint
+from project.serve.scheduler import Scheduler
 
 API_KEY_ENV = "PROJECT_API_KEY"  # the server's API key, when --api_key is not given
 
@@ -49,8 +51,11 @@ def is_loopback(host: str) -> bool:
 
 
 def build_server(loaded: LoadedCheckpoint, *, api_key: str | None = None, model_name: str = "gpt",
-                 max_prompt_chars: int = 2000, concurrency_limit: int = 2, max_queue: int = 32):
-    """One FastAPI app: the OpenAI-compatible API under /v1 (project/serve/openai_api.py) and the page at /.
+                 max_prompt_chars: int = 2000, slots: int = 8, max_waiting: int = 32, compile: bool = False,
+                 scheduler: Scheduler | None = None):
+    """One FastAPI app: the OpenAI-compatible API under /v1 (project/serve/openai_api.py) and the page at /, both
+    decoding through one scheduler (`slots` requests at a time, `max_waiting` more queued; started here, with its
+    decode step compiled when `compile`; or `scheduler`, already started). The app's shutdown closes it.
 
     With `api_key`, the API needs it as a bearer token and the page asks for it as the password.
     """
@@ -60,13 +65,33 @@ def build_server(loaded: LoadedCheckpoint, *, api_key: str | None = None, model_
     from project.serve.openai_api import add_openai_routes
     from project.serve.page import build_app
 
-    server = FastAPI(title="GPT playground and OpenAI-compatible API", docs_url=None, redoc_url=None)
-    add_openai_routes(server, loaded, model_name=model_name, api_key=api_key)  # before "/": the routes match first
-    demo = build_app(loaded, max_prompt_chars=max_prompt_chars, concurrency_limit=concurrency_limit,
-                     max_queue=max_queue)
+    scheduler = scheduler or Scheduler(loaded.model, slots=slots, max_waiting=max_waiting, compile=compile).start()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        scheduler.close()
+
+    server = FastAPI(title="GPT playground and OpenAI-compatible API", docs_url=None, redoc_url=None, lifespan=lifespan)
+    server.state.scheduler = scheduler
+    add_openai_routes(server, loaded, scheduler, model_name=model_name, api_key=api_key)  # before "/": matched first
+    demo = build_app(loaded, scheduler, max_prompt_chars=max_prompt_chars)
     auth = None
     if api_key is not None:
         def auth(username: str, password: str) -> bool:
             return secrets.compare_digest(password.encode(), api_key.encode())
     return gr.mount_gradio_app(server, demo, path="/", auth=auth, show_error=False, ssr_mode=False)
 
+
+def run_server(app, host: str, port: int, scheduler: Scheduler, graceful_seconds: float = 5.0) -> None:
+    """Serve `app` until Ctrl-C (or SIGTERM): the first signal ends every request in flight at once (streams get an
+    error event, the others a 503), so the server stops within `graceful_seconds` instead of waiting for them."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            scheduler.stop()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=graceful_seconds)
+    Server(config).run()

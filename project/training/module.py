@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 
 import torch
@@ -118,12 +118,15 @@ class GPTModule(LightningModule):
             parallelize(self.model, self.device_mesh, compile=self.hparams.compile)
         elif self.hparams.compile:
             self.model.compile()  # in place: parameter names (and checkpoint keys) stay unprefixed
-        weights = None
-        if self.init_from is not None:
-            from project.formats.hf import hf_weights
+        materialize(self.model, device, self.pretrained_weights())
 
-            weights = hf_weights(self.init_from, self.config).items()
-        materialize(self.model, device, weights)
+    def pretrained_weights(self) -> Iterable[tuple[str, torch.Tensor]] | None:
+        """The (name, full tensor) pairs `configure_model` fills the GPT with: `init_from`'s, or None (seeded)."""
+        if self.init_from is None:
+            return None
+        from project.formats.hf import hf_weights
+
+        return hf_weights(self.init_from, self.config).items()
 
     def cpu(self) -> GPTModule:
         """Lightning moves the module to the CPU when a run ends, also one that failed before `configure_model`
@@ -245,13 +248,17 @@ class GPTModule(LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
+    def optimized_module(self) -> torch.nn.Module:
+        """The module whose trainable parameters the optimizer updates: the GPT (fine-tuning adds a head)."""
+        return self.model
+
     def configure_optimizers(self):
         from project.training.parallel import is_sharded
 
         # a loss scaler (fp16 "16-mixed") unscales before clipping; a fused AdamW would unscale inside its own step
         loss_scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         optimizer, scheduler = build_optimizer(
-            self.model, self.optimizer_settings, total_steps=self.trainer.estimated_stepping_batches,
+            self.optimized_module(), self.optimizer_settings, total_steps=self.trainer.estimated_stepping_batches,
             fused=self.device.type in ("cuda", "cpu") and not loss_scaled,
             sharded=self.device_mesh is not None or is_sharded(self.model),
             time_fraction=budget_fraction(self.trainer),

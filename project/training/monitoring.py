@@ -119,6 +119,7 @@ class TokenThroughput(IntervalCallback):
             raise ValueError(f"--throughput.window must be >= 1, got {window}")
         self.peak_flops, self.window = peak_flops, window
         self.meter: Throughput | None = None
+        self.counts_flops = False
         self.elapsed = 0.0
         self.batches = self.samples = self.tokens = self.flops = 0
 
@@ -128,6 +129,8 @@ class TokenThroughput(IntervalCallback):
             device, dtype = trainer.strategy.root_device, compute_dtype(trainer)
             peak = get_available_flops(device, dtype) if device.type != "cpu" else measure_matmul_flops(dtype)
         self.meter = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window + 1)
+        # a module without a FLOP count (fine-tuning: batches vary in length) gets tokens/s only, not an MFU of 0
+        self.counts_flops = getattr(pl_module, "flops_per_batch", None) is not None
         self.elapsed, self.batches, self.samples, self.tokens, self.flops = 0.0, 0, 0, 0, 0
         self.meter.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
 
@@ -151,7 +154,7 @@ class TokenThroughput(IntervalCallback):
         if per_device is None:
             return {}
         logged = {TOKENS_PER_SEC: per_device * trainer.world_size}
-        if "device/mfu" in metrics:
+        if "device/mfu" in metrics and self.counts_flops:
             logged[MFU] = metrics["device/mfu"]
         return logged
 

@@ -1,4 +1,5 @@
-"""`predict`'s output: one JSON line per completion (prompt, completion, settings)."""
+"""`predict`'s output: one JSON line per prediction (prompt, completion, settings; or a classifier's text, label and
+class probabilities)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,11 @@ class PredictionWriter(BasePredictionWriter):
         self.written += len(prediction)
         if self.print_to_stdout:
             for record in prediction:
-                completions_log.info("%s%s\n%s", record["prompt"], record["completion"], "-" * 40)
+                if "completion" in record:
+                    completions_log.info("%s%s\n%s", record["prompt"], record["completion"], "-" * 40)
+                else:  # a classifier's: the label, its probability, the text
+                    completions_log.info("%s (%.2f)\t%s", record["label"], record["probabilities"][record["label"]],
+                                         record["text"].replace("\n", " / "))
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
