@@ -42,8 +42,6 @@ def worker(args) -> None:
         started = CpuSample.now()
     sys.path.insert(0, str(REPO / "benchmarks"))
     import torch
-    import torch.nn.functional as F
-
     import train as train_benchmark
     from project.generate import GenerationSettings, generate
     from project.training.optim import build_optimizer
@@ -61,13 +59,7 @@ def worker(args) -> None:
     dtype = train_benchmark.autocast_dtype(setup["precision"])
     timed, start = 0, 0.0
     for step, (x, y) in enumerate(dm.train_dataloader()):  # benchmarks/train.py's plain loop, stopped by time
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
+        train_benchmark.plain_step(model, optimizer, scheduler, params, x, y, dtype)
         if step == args.warmup - 1:
             start = time.perf_counter()
         elif step >= args.warmup:

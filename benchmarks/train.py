@@ -46,7 +46,7 @@ CONFIGS = {"gpt2": REPO / "configs" / "shakespeare.yaml", "llama": REPO / "confi
 VARIANTS = ("lightning", "plain", "naive")
 
 
-def naive_attention_forward(self, x, rope=None, input_pos=None):
+def naive_attention_forward(self, x, rope=None, input_pos=None, kv_cache=None, slot=0):
     """Textbook causal self-attention: a drop-in replacement for CausalSelfAttention.forward (training path)."""
     B, T, _ = x.shape
     q, k, v = self.qkv_heads(x, rope)
@@ -175,17 +175,22 @@ def run_plain(setup, dm, device, steps: int, warmup: int, compile: bool = False)
         if i == warmup + steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
+        plain_step(model, optimizer, scheduler, params, x, y, dtype)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter())
     return times[-1] - times[warmup - 1]
+
+
+def plain_step(model, optimizer, scheduler, params, x, y, dtype) -> None:
+    """One training step without Lightning: autocast (when `dtype`), loss, backward, clip at 1.0, step, schedule."""
+    with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
 
 
 def run_naive(setup, dm, device, steps: int, warmup: int) -> float:

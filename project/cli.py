@@ -424,17 +424,7 @@ def run_lightning(args: list[str] | None, descriptions: dict[str, str] | None = 
 
     `descriptions`: the text each subcommand's --help opens with.
     """
-    quiet_library_noise()
-    return GPTCLI(
-        GPTModule,
-        TextDataModule,
-        args=args,
-        trainer_defaults=trainer_defaults("gpt"),
-        save_config_kwargs={"overwrite": True},
-        parser_class=OneLineErrorParser,
-        parser_kwargs={"default_env": False, "prog": PROG,
-                       **{name: {"description": text} for name, text in (descriptions or {}).items()}},
-    ).trainer
+    return run_cli(GPTCLI, GPTModule, TextDataModule, "gpt", args, prog=PROG, descriptions=descriptions)
 
 
 def run_finetune(args: list[str] | None) -> Trainer:
@@ -443,13 +433,20 @@ def run_finetune(args: list[str] | None) -> Trainer:
     from project.data.finetune import FineTuneDataModule
     from project.training.finetune import FineTuneModule
 
+    return run_cli(FinetuneCLI, FineTuneModule, FineTuneDataModule, "finetune", args, prog=f"{PROG} finetune")
+
+
+def run_cli(cli_class: type[LightningCLI], module_class, datamodule_class, run_name: str, args: list[str] | None,
+            *, prog: str, descriptions: dict[str, str] | None = None) -> Trainer:
+    """One LightningCLI run with the project's parser, defaults and quiet libraries; returns the Trainer."""
     quiet_library_noise()
-    return FinetuneCLI(
-        FineTuneModule,
-        FineTuneDataModule,
+    return cli_class(
+        module_class,
+        datamodule_class,
         args=args,
-        trainer_defaults=trainer_defaults("finetune"),
+        trainer_defaults=trainer_defaults(run_name),
         save_config_kwargs={"overwrite": True},
         parser_class=OneLineErrorParser,
-        parser_kwargs={"default_env": False, "prog": f"{PROG} finetune"},
+        parser_kwargs={"default_env": False, "prog": prog,
+                       **{name: {"description": text} for name, text in (descriptions or {}).items()}},
     ).trainer
