@@ -27,6 +27,7 @@ from project.data.datamodule import TextDataModule
 from project.formats.checkpoint import read_checkpoint
 from project.formats.runs import CHECKPOINTS, WHICH, checkpoint_in, find_checkpoint
 from project.model import GPTConfig
+from project.threads import configure_threads
 from project.tokenizer import BPETokenizer, bpe_vocab_size, is_tokenizer_folder, spec_kind, tokenizer_from_state
 from project.training.checkpointing import AtomicCheckpointIO, LatestCheckpoint
 from project.training.module import VAL_LOSS, GPTModule
@@ -98,8 +99,10 @@ class GPTCLI(LightningCLI):
         self.settled = {key: config[key] for key in SETTLED_KEYS}
 
     def before_instantiate_classes(self) -> None:
-        """Show training progress in steps (StepProgressBar), claim a new fit's run folder, and put back the settings
-        settled against the checkpoint (LightningCLI has just applied the checkpoint's hyperparameters over them)."""
+        """Set torch's threads (`configure_threads`), show training progress in steps (StepProgressBar), claim a new
+        fit's run folder, and put back the settings settled against the checkpoint (LightningCLI has just applied the
+        checkpoint's hyperparameters over them)."""
+        configure_threads()  # here, once the command line parsed: a mistyped flag gets only its error
         config = self.config[self.subcommand] if self.subcommand else self.config
         add_step_progress_bar(config.trainer)
         self.claimed = claim_run_folder(config) if self.subcommand == "fit" else None

@@ -555,7 +555,6 @@ def fit_command(argv: list[str] | None) -> None:
     from project.training.interrupt import interrupted_step
     from project.training.report import fit_report
 
-    configure_threads()
     descriptions = {name: text for name, text in LIGHTNING_SUMMARIES.items() if name != "finetune"}  # its own CLI
     trainer = run_lightning(argv, descriptions=descriptions)  # None: LightningCLI reads sys.argv itself
     if trainer.state.fn == "fit" and trainer.is_global_zero:
@@ -569,7 +568,6 @@ def finetune_command(args: list[str], from_argv: bool) -> None:
     from project.cli import run_finetune
     from project.training.interrupt import interrupted_step
 
-    configure_threads()
     if from_argv:  # LightningCLI reads sys.argv itself (and warns when also given arguments): the finetune CLI's own
         sys.argv = [sys.argv[0], *args]
     trainer = run_finetune(None if from_argv else args)

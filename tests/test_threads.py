@@ -53,10 +53,13 @@ def test_configure_threads_follows_the_load_unless_omp_num_threads_is_set(monkey
 @pytest.mark.parametrize("command", ["generate", "predict"])
 def test_commands_that_compute_choose_their_threads(command, trained_run, monkeypatch, capsys, tmp_path):
     """The same core function for generation and for the Lightning commands (fit, validate, test, predict)."""
+    import project.cli
     import project.commands
 
     calls = []
-    monkeypatch.setattr(project.commands, "configure_threads", lambda: calls.append(command))
+    # generate calls it from commands.py; the Lightning commands from cli.py, once their command line has parsed
+    module = project.commands if command == "generate" else project.cli
+    monkeypatch.setattr(module, "configure_threads", lambda: calls.append(command))
     ckpt = str(trained_run["ckpt"])
     args = {"generate": ["generate", "--ckpt_path", ckpt, "--generation.max_new_tokens", "2"],
             "predict": ["predict", "--config", str(REPO / "configs" / "debug.yaml"), "--ckpt_path", ckpt,
