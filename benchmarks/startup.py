@@ -8,7 +8,8 @@ a few steps) and every command uses it:
     generate   --ckpt_path CKPT --prompt ROMEO: --generation.max_new_tokens 1
     export     --ckpt_path CKPT --format gguf --out <new folder>
     evaluate   --ckpt_path CKPT --text <1,000 characters>
-    serve      --ckpt_path CKPT --port <free port>       (until the port accepts a connection)
+    serve      --ckpt_path CKPT --port <free port> --compile false
+               (until the port accepts a connection, and until its page at / answers 200)
     --help, fit --help, generate --help
 
     python benchmarks/startup.py --baseline ../baseline --repeats 5
@@ -24,6 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,8 +45,17 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def timed(tree: Path, args: list[str], cwd: Path, serve_port: int | None = None) -> float:
-    """Seconds for `python -m project ARGS` of `tree` to exit (to listen on `serve_port`, when given)."""
+def page_answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+            return response.status == 200
+    except urllib.error.HTTPError:  # 503 while the page is built
+        return False
+
+
+def timed(tree: Path, args: list[str], cwd: Path, serve_port: int | None = None,
+          ready: Callable[[int], bool] = listening) -> float:
+    """Seconds for `python -m project ARGS` of `tree` to exit (for a server on `serve_port`: until `ready`)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "project", *args], cwd=cwd, env=env,
@@ -53,7 +66,7 @@ def timed(tree: Path, args: list[str], cwd: Path, serve_port: int | None = None)
             raise RuntimeError(f"{tree}: {' '.join(args)} failed:\n{err[-2000:]}")
         return time.perf_counter() - start
     try:
-        while not listening(serve_port):
+        while not (listening(serve_port) and ready(serve_port)):
             if process.poll() is not None:
                 raise RuntimeError(f"{tree}: serve exited:\n{process.stderr.read()[-2000:]}")
             time.sleep(0.05)
@@ -79,17 +92,29 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = str(next(work.glob("runs/*/version_0/checkpoints/last.ckpt")))
     (work / "sample.txt").write_text(Path(args.data_path).read_text(encoding="utf-8")[:1000], encoding="utf-8")
     counter = iter(range(10**6))
+
+    def serve(ready: Callable[[int], bool]) -> Callable[[Path], tuple[list[str], int, Callable[[int], bool]]]:
+        def command(tree: Path) -> tuple[list[str], int, Callable[[int], bool]]:
+            port = free_port()
+            return ["serve", "--ckpt_path", ckpt, "--port", str(port), *no_compile[tree]], port, ready
+        return command
+
+    # start-up without the decoding step's compilation (which `serve` states separately), in trees that have it
+    no_compile = {tree: ["--compile", "false"] if "--compile" in subprocess.run(
+        [sys.executable, "-m", "project", "serve", "--help"], env={**os.environ, "PYTHONPATH": str(tree)},
+        cwd=work, capture_output=True, text=True).stdout else [] for tree in trees.values()}
     commands = {
-        "--help": lambda: (["--help"], None),
-        "fit --help": lambda: (["fit", "--help"], None),
-        "generate --help": lambda: (["generate", "--help"], None),
-        "generate": lambda: (["generate", "--ckpt_path", ckpt, "--prompt", "ROMEO:",
-                              "--generation.max_new_tokens", "1"], None),
-        "export (gguf)": lambda: (["export", "--ckpt_path", ckpt, "--format", "gguf", "--out",
-                                   str(work / f"gguf-{next(counter)}")], None),
-        "evaluate (text)": lambda: (["evaluate", "--ckpt_path", ckpt, "--text", str(work / "sample.txt")], None),
-        "serve (to listening)": lambda: (lambda port: (["serve", "--ckpt_path", ckpt, "--port", str(port)], port))(
-            free_port()),
+        "--help": lambda tree: (["--help"], None, None),
+        "fit --help": lambda tree: (["fit", "--help"], None, None),
+        "generate --help": lambda tree: (["generate", "--help"], None, None),
+        "generate": lambda tree: (["generate", "--ckpt_path", ckpt, "--prompt", "ROMEO:",
+                                   "--generation.max_new_tokens", "1"], None, None),
+        "export (gguf)": lambda tree: (["export", "--ckpt_path", ckpt, "--format", "gguf", "--out",
+                                        str(work / f"gguf-{next(counter)}")], None, None),
+        "evaluate (text)": lambda tree: (["evaluate", "--ckpt_path", ckpt, "--text", str(work / "sample.txt")], None,
+                                         None),
+        "serve (to listening)": serve(listening),
+        "serve (page answers)": serve(page_answers),
     }
     labels = args.commands or list(commands)
     seconds: dict[tuple[str, str], list[float]] = {}
@@ -97,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         for label in labels:
             order = list(trees.items()) if repeat % 2 == 0 else list(trees.items())[::-1]  # interleaved, alternating
             for name, tree in order:
-                command, port = commands[label]()
-                seconds.setdefault((label, name), []).append(timed(tree, command, work, port))
+                command, port, ready = commands[label](tree)
+                seconds.setdefault((label, name), []).append(timed(tree, command, work, port, ready or listening))
                 print(f"{label:22s} {name:10s} {seconds[(label, name)][-1]:6.2f} s", file=sys.stderr, flush=True)
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "n/a"
     print(f"\nmedian of {args.repeats} interleaved runs each (wall seconds); load average now {load}\n")

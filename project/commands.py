@@ -259,13 +259,15 @@ def serve_command(
     configure_threads()
     loaded = load_model(resolve_checkpoint(ckpt_path), device=device)
     cast_for_inference(loaded.model, dtype)
+    url = f"http://{host}:{port}"
     server = build_server(loaded, api_key=api_key, model_name=model_name, max_prompt_chars=max_prompt_chars,
-                          slots=slots, max_waiting=max_queue, compile=compile)
+                          slots=slots, max_waiting=max_queue, compile=compile,
+                          on_page_ready=lambda: print(f"the page is ready at {url}/", flush=True))
     scheduler = server.state.scheduler
     if compile:
         print(f"compiled the decoding step in {scheduler.compile_seconds:.1f} s", flush=True)
-    print(f"serving {loaded.path} on http://{host}:{port}: the page at /, the OpenAI API at /v1 ({slots} requests "
-          f"decoded together, {max_queue} more may wait)", flush=True)
+    print(f"serving {loaded.path} on {url}: the OpenAI API at /v1 now, the page at / in a few seconds ({slots} "
+          f"requests decoded together, {max_queue} more may wait)", flush=True)
     run_server(server, host, port, scheduler)
 
 

@@ -250,7 +250,7 @@ def write_task(folder: Path, name: str, rows: list[dict], config: dict) -> None:
     data = folder / f"{name}.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     task = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-            "test_split": "test", **config}
+            "test_split": "test", "num_fewshot": 0, **config}
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False), encoding="utf-8")
 
 
@@ -310,7 +310,7 @@ def evaluate(model: GPT, tokenizer: Tokenizer, *, text: str | Path | None = None
         split: how `part` cuts the text (the checkpoint's training split).
         progress: called as sequences are scored, with (what, done, total).
     """
-    from lm_eval import simple_evaluate
+    from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
     check_evaluation(text=text, choices=choices, tasks=tasks, limit=limit, batch_size=batch_size)
@@ -332,8 +332,13 @@ def evaluate(model: GPT, tokenizer: Tokenizer, *, text: str | Path | None = None
             raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}: list them with `lm-eval ls tasks`")
         lm = HarnessLM(model, tokenizer, batch_size=batch_size, progress=progress)
         try:
-            output = simple_evaluate(model=lm, tasks=names + list(tasks or []), task_manager=manager, limit=limit,
-                                     bootstrap_iters=0, log_samples=False)
+            if tasks:  # the harness's tasks need simple_evaluate's seeds and few-shot defaults
+                output = evaluator.simple_evaluate(model=lm, tasks=names + tasks, task_manager=manager, limit=limit,
+                                                   bootstrap_iters=0, log_samples=False)
+            else:  # ours are zero-shot and deterministic: no need for simple_evaluate's environment report, which
+                # takes a second (torch's collect_env, importing transformers) and prints git's errors outside a repo
+                output = evaluator.evaluate(lm=lm, task_dict=manager.load(names), limit=limit, bootstrap_iters=0,
+                                            log_samples=False)
         except ConnectionError as err:  # a dataset to download while offline
             first = str(err).splitlines()[0]
             raise ConnectionError(f"{first}: these tasks need their datasets from the Hugging Face Hub; run online "

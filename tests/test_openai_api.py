@@ -35,8 +35,9 @@ KEY = "test-key-123"
 CLIENT_TIMEOUT_S = 120  # every request in these tests must finish within this
 
 
-def serve_in_thread(app):
-    """Run `app` with uvicorn on a free loopback port in a thread; yield its base URL, then stop it."""
+def serve_in_thread(app, *, wait_for_page: bool = False):
+    """Run `app` with uvicorn on a free loopback port in a thread; yield its base URL (once the page serves too, with
+    `wait_for_page`), then stop it."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -45,6 +46,8 @@ def serve_in_thread(app):
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
+    if wait_for_page:
+        assert app.state.page_ready.wait(CLIENT_TIMEOUT_S), "the page was not built"
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -229,7 +232,7 @@ def test_malformed_bodies_get_400_and_the_error_shape(url, content, message):
 
 @pytest.fixture(scope="module")
 def keyed_url(loaded):
-    yield from serve_in_thread(build_server(loaded, model_name=MODEL, api_key=KEY))
+    yield from serve_in_thread(build_server(loaded, model_name=MODEL, api_key=KEY), wait_for_page=True)
 
 
 def test_api_key_is_enforced(keyed_url):
@@ -280,13 +283,55 @@ def test_sixty_concurrent_clients_get_answers_or_429_and_none_hangs(client):
     assert sum(a is not None for a in answers) >= 8 and all(a is None or len(a) == 4 for a in answers)
 
 
-def test_the_page_answers_on_the_same_port(url):
+def test_the_page_answers_on_the_same_port(url, app):
     from gradio_client import Client
 
+    assert app.state.page_ready.wait(CLIENT_TIMEOUT_S)
     text, status = Client(url, verbose=False).predict("ROMEO:", 10, 0.8, 20, 1.0, 1, api_name="/generate")
     assert status.startswith("done") and text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 10
     assert httpx.get(url, timeout=CLIENT_TIMEOUT_S).status_code == 200
     assert httpx.get(f"{url}/config", timeout=CLIENT_TIMEOUT_S).status_code == 200  # no key: no password
+
+
+def test_the_api_serves_while_the_page_is_built_and_after_the_page_fails(loaded, monkeypatch, caplog):
+    """The page is built in a thread after the app listens: meanwhile "/" answers 503 with Retry-After and the API
+    answers; a page that fails to build leaves the API serving and "/" a 500 naming the log."""
+    import project.serve.server
+
+    release = threading.Event()
+    real_build_page = project.serve.server.build_page
+
+    def slow_build_page(*args, **kwargs):
+        assert release.wait(CLIENT_TIMEOUT_S)
+        return real_build_page(*args, **kwargs)
+
+    monkeypatch.setattr(project.serve.server, "build_page", slow_build_page)
+    app = build_server(loaded, model_name=MODEL)
+    for url in serve_in_thread(app):
+        starting = httpx.get(url, timeout=CLIENT_TIMEOUT_S)
+        assert starting.status_code == 503 and int(starting.headers["retry-after"]) >= 1
+        assert "starting" in starting.text and 'http-equiv="refresh"' in starting.text
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=CLIENT_TIMEOUT_S, max_retries=0)
+        assert len(client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=3).choices[0].text) == 3
+        assert not app.state.page_ready.is_set()
+        release.set()
+        assert app.state.page_ready.wait(CLIENT_TIMEOUT_S)
+        assert httpx.get(url, timeout=CLIENT_TIMEOUT_S).status_code == 200
+
+    def broken_build_page(*args, **kwargs):
+        raise RuntimeError("a bug in the page")
+
+    monkeypatch.setattr(project.serve.server, "build_page", broken_build_page)
+    app = build_server(loaded, model_name=MODEL)
+    for url in serve_in_thread(app):
+        deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        while (response := httpx.get(url, timeout=CLIENT_TIMEOUT_S)).status_code == 503:
+            assert time.monotonic() < deadline, "the failed page still says it is starting"
+            time.sleep(0.05)
+        assert response.status_code == 500 and "log" in response.text
+        assert "a bug in the page" in caplog.text
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=CLIENT_TIMEOUT_S, max_retries=0)
+        assert len(client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=3).choices[0].text) == 3
 
 
 # --- exact answers: log-probabilities, echo, n, best_of ----------------------------------------------------------
