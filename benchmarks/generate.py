@@ -199,12 +199,35 @@ def main(argv: list[str] | None = None) -> None:
     if against_llama:
         print("batch 1 against llama.cpp (same f32 weights): "
               + ", ".join(f"{m} {ratio:.2f}x" for m, ratio in against_llama.items()))
+    if 1 in args.batch_sizes:
+        floor = matmul_floor_seconds(model)
+        line = (f"a batch-1 step's matrix products alone (torch's F.linear on each weight, in order): "
+                f"{floor * 1e3:.3f} ms, at most {1 / floor:,.0f} tokens/s for any step built on them")
+        if times.get(("llama.cpp, f32", 1)):
+            line += f"; llama.cpp's whole token: {statistics.median(times['llama.cpp, f32', 1]) / new_tokens * 1e3:.3f} ms"
+        print(line)
     if "ours, KV, compile" in methods:
         print("compiled decoding, first call (compilation + one run): "
               + ", ".join(f"batch {b}: {warmup['ours, KV, compile', b]:.1f} s" for b in args.batch_sizes))
     if llama is not None:
         llama.close()
         workdir.cleanup()
+
+
+def matmul_floor_seconds(model: GPT, calls: int = 300) -> float:
+    """Median seconds of one batch-1 decoding step's matrix products alone: F.linear with each of `model`'s linear
+    weights (the tied head included) on one row, in the model's order, so every weight is read once as in a step:
+    the floor under any decoding step that computes them with torch's kernels."""
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    rows = [torch.randn(1, module.in_features) for module in linears]
+    seconds = []
+    with torch.inference_mode():
+        for _ in range(calls):
+            start = time.perf_counter()
+            for module, row in zip(linears, rows):
+                torch.nn.functional.linear(row, module.weight, module.bias)
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds[calls // 10:])
 
 
 def llama_cpp_on_gguf(model: GPT, workdir: tempfile.TemporaryDirectory):

@@ -48,6 +48,8 @@ def test_generation_benchmark_has_a_llama_cpp_row(tmp_path):
     row = next(line for line in result.stdout.splitlines() if line.startswith("| llama.cpp, f32 "))
     assert float(row.split("|")[4]) > 0, row
     assert "batch 1 against llama.cpp (same f32 weights): ours, KV cache " in result.stdout
+    floor = next(line for line in result.stdout.splitlines() if line.startswith("a batch-1 step's matrix products"))
+    assert float(floor.split("in order): ")[1].split(" ms")[0]) > 0 and "llama.cpp's whole token: " in floor
 
 
 @pytest.mark.slow
