@@ -456,27 +456,7 @@ def add_openai_routes(app: FastAPI, loaded: LoadedCheckpoint, scheduler: Schedul
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        check_common(body)
-        prompts = prompt_list(body.prompt)
-        if not prompts:
-            raise APIError(400, "prompt is an empty list: give at least one prompt", param="prompt")
-        ids = [generator.encode(p, "prompt") for p in prompts]
-        n = check_count(body.n, "n", 1)
-        best_of = check_count(body.best_of, "best_of", n)
-        if best_of < n:
-            raise APIError(400, f"best_of ({best_of}) must be at least n ({n})", param="best_of")
-        if best_of > n and body.stream:
-            raise APIError(400, "best_of results cannot be streamed: leave out stream, or best_of", param="best_of")
-        if len(prompts) * best_of > MAX_CHOICES:
-            raise APIError(400, f"{len(prompts)} prompts x {best_of} completions is over {MAX_CHOICES}", param="n")
-        if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS["completions"]:
-            raise APIError(400, f"logprobs must be from 0 to {MAX_LOGPROBS['completions']}, got {body.logprobs}",
-                           param="logprobs")
-        explicit = "max_tokens" in body.model_fields_set and body.max_tokens is not None
-        settings = [generator.settings(body, len(i), body.max_tokens, explicit, [], allow_zero=bool(body.echo))
-                    for i in ids]
-        top = body.logprobs if body.logprobs is not None else (0 if best_of > n else None)
-        plan = Plan(ids, settings, best_of, n, top, echo=bool(body.echo))
+        plan = completion_plan(body, generator)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model_name, "system_fingerprint": fingerprint}
         show_logprobs = body.logprobs is not None
@@ -488,24 +468,7 @@ def add_openai_routes(app: FastAPI, loaded: LoadedCheckpoint, scheduler: Schedul
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatRequest, request: Request):
         check_model(body.model)
-        check_common(body)
-        if not body.messages:
-            raise APIError(400, "messages is empty: give at least one message", param="messages")
-        ids = generator.encode(chat_prompt(body.messages, loaded.template, loaded.tokenizer), "messages")
-        n = check_count(body.n, "n", 1)
-        if len(ids) == generator.block_size:
-            raise APIError(400, f"messages fill this model's whole context ({generator.block_size} tokens), leaving "
-                           "no room for a reply: shorten them", param="messages", code="context_length_exceeded")
-        if body.top_logprobs is not None:
-            if not body.logprobs:
-                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-            if not 0 <= body.top_logprobs <= MAX_LOGPROBS["chat"]:
-                raise APIError(400, f"top_logprobs must be from 0 to {MAX_LOGPROBS['chat']}, got {body.top_logprobs}",
-                               param="top_logprobs")
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        stops = [SPEECH_END] if loaded.template is None else []  # an instruction-tuned reply ends at end-of-text
-        settings = generator.settings(body, len(ids), max_tokens, max_tokens is not None, stops)
-        plan = Plan([ids], [settings], n, n, (body.top_logprobs or 0) if body.logprobs else None)
+        plan = chat_plan(body, generator, loaded)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name,
                 "system_fingerprint": fingerprint}
         run = generator.submit(plan)
@@ -514,6 +477,53 @@ def add_openai_routes(app: FastAPI, loaded: LoadedCheckpoint, scheduler: Schedul
         return await until_done(request, run, chat_response(generator, run, head, bool(body.logprobs)))
 
     return app
+
+
+def completion_plan(body: CompletionRequest, generator: Generator) -> Plan:
+    """What a /v1/completions request asks the scheduler for, or an APIError (400) naming the field at fault."""
+    check_common(body)
+    prompts = prompt_list(body.prompt)
+    if not prompts:
+        raise APIError(400, "prompt is an empty list: give at least one prompt", param="prompt")
+    ids = [generator.encode(p, "prompt") for p in prompts]
+    n = check_count(body.n, "n", 1)
+    best_of = check_count(body.best_of, "best_of", n)
+    if best_of < n:
+        raise APIError(400, f"best_of ({best_of}) must be at least n ({n})", param="best_of")
+    if best_of > n and body.stream:
+        raise APIError(400, "best_of results cannot be streamed: leave out stream, or best_of", param="best_of")
+    if len(prompts) * best_of > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts x {best_of} completions is over {MAX_CHOICES}", param="n")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS["completions"]:
+        raise APIError(400, f"logprobs must be from 0 to {MAX_LOGPROBS['completions']}, got {body.logprobs}",
+                       param="logprobs")
+    explicit = "max_tokens" in body.model_fields_set and body.max_tokens is not None
+    settings = [generator.settings(body, len(i), body.max_tokens, explicit, [], allow_zero=bool(body.echo))
+                for i in ids]
+    top = body.logprobs if body.logprobs is not None else (0 if best_of > n else None)
+    return Plan(ids, settings, best_of, n, top, echo=bool(body.echo))
+
+
+def chat_plan(body: ChatRequest, generator: Generator, loaded: LoadedCheckpoint) -> Plan:
+    """What a /v1/chat/completions request asks the scheduler for, or an APIError (400) naming the field at fault."""
+    check_common(body)
+    if not body.messages:
+        raise APIError(400, "messages is empty: give at least one message", param="messages")
+    ids = generator.encode(chat_prompt(body.messages, loaded.template, loaded.tokenizer), "messages")
+    n = check_count(body.n, "n", 1)
+    if len(ids) == generator.block_size:
+        raise APIError(400, f"messages fill this model's whole context ({generator.block_size} tokens), leaving "
+                       "no room for a reply: shorten them", param="messages", code="context_length_exceeded")
+    if body.top_logprobs is not None:
+        if not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if not 0 <= body.top_logprobs <= MAX_LOGPROBS["chat"]:
+            raise APIError(400, f"top_logprobs must be from 0 to {MAX_LOGPROBS['chat']}, got {body.top_logprobs}",
+                           param="top_logprobs")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    stops = [SPEECH_END] if loaded.template is None else []  # an instruction-tuned reply ends at end-of-text
+    settings = generator.settings(body, len(ids), max_tokens, max_tokens is not None, stops)
+    return Plan([ids], [settings], n, n, (body.top_logprobs or 0) if body.logprobs else None)
 
 
 def check_common(body: SamplingFields) -> None:
