@@ -33,8 +33,9 @@ StepFunction = Callable[[GPT, KVCache, torch.Tensor, torch.Tensor], tuple[torch.
 def cast_for_inference(model: GPT, dtype: InferenceDtype) -> GPT:
     """`model` with its weights (and so its KV caches and logits) in `dtype`, in place, for `generate` and `serve`.
 
-    bfloat16 halves the bytes each token reads (fast where the CPU has bfloat16 instructions, and on GPUs);
-    float16 is as small but slow on most CPUs. Logits move from float32's by the amounts measured in
+    bfloat16 halves the bytes each token reads, which pays on GPUs; on a CPU, torch's one-row bfloat16 matrix
+    products can be slower than float32's even with bfloat16 instructions (see benchmarks/README.md), and float16
+    runs through slow fallbacks on most CPUs. Logits move from float32's by the amounts measured in
     benchmarks/README.md; sampling and log-probabilities are computed in float32 from them.
     """
     return model.to(getattr(torch, dtype))
