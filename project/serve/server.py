@@ -61,8 +61,8 @@ def is_loopback(host: str) -> bool:
 
 class DeferredPage:
     """The ASGI app at "/": the Gradio page, built by `build` in a thread started at construction, served once the
-    running app has started it (`start`, from the app's lifespan); until then "/" answers 503 with Retry-After and a
-    page that reloads itself. `ready` is set when the page serves."""
+    running app has started it (`running`, entered by the app's lifespan); until then "/" answers 503 with Retry-After
+    and a page that reloads itself. `ready` is set when the page serves."""
 
     RETRY_SECONDS = 2
 
@@ -77,7 +77,7 @@ class DeferredPage:
     def _build(self, build: Callable[[], object]) -> None:
         try:
             self.built.set_result(build())
-        except BaseException as err:  # handed to `start`, which logs it in the server's log
+        except BaseException as err:  # handed to `_start`, which logs it in the server's log
             self.built.set_exception(err)
 
     @contextlib.asynccontextmanager
